@@ -1,0 +1,6 @@
+"""Tensor-parallel nanoGPT on DTensor: an unchanged model, declarative plans."""
+
+from dtensor_gpt.model import GPT, GPTConfig
+from dtensor_gpt.parallelize import parallelize
+
+__all__ = ["GPT", "GPTConfig", "parallelize"]

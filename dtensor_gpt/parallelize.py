@@ -1,0 +1,115 @@
+"""
+`parallelize(model, mesh, plan)`: apply a tensor-parallel plan to the unchanged GPT.
+
+Everything is validated before any parameter moves, so a bad call leaves the model as it was.
+"""
+
+from collections.abc import Mapping
+from fnmatch import fnmatch
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+
+from dtensor_gpt import sharding_rules
+from plans import get_plan
+
+
+def tp_submesh(mesh):
+    """The 1-D mesh to shard over: `mesh` itself if 1-D, else its dimension named "tp"."""
+    if not isinstance(mesh, DeviceMesh):
+        raise ValueError(f"mesh must be a torch.distributed.DeviceMesh, not {type(mesh).__name__}")
+    if mesh.ndim == 1:
+        return mesh
+    names = mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        raise ValueError(
+            f"a {mesh.ndim}-D mesh needs a dimension named 'tp' to shard over, but its dimensions are "
+            f"{names or 'unnamed'}; pass mesh_dim_names=(..., 'tp') to init_device_mesh"
+        )
+    return mesh["tp"]
+
+
+def check_divisible(config, tp):
+    """Heads, width and vocabulary must split evenly over `tp` ranks."""
+    for field in ("n_head", "n_embd", "vocab_size"):
+        value = getattr(config, field)
+        if value % tp:
+            valid = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+            raise ValueError(
+                f"{field}={value} is not divisible by tp={tp}; use tp in {{{', '.join(map(str, valid))}}}"
+                + (" or pad vocab_size to a multiple of tp" if field == "vocab_size" else "")
+            )
+
+
+def matching_modules(model, pattern):
+    """Module names that `parallelize_module` applies `pattern` to (fnmatch per segment)."""
+    parts = pattern.split(".")
+    return [
+        name
+        for name, _ in model.named_modules()
+        if name and len(name.split(".")) == len(parts)
+        and all(fnmatch(seg, pat) for seg, pat in zip(name.split("."), parts))
+    ]
+
+
+def resolve_plan(model, plan, options):
+    if isinstance(plan, str):
+        styles = get_plan(plan, **options)
+    elif isinstance(plan, Mapping):
+        if options:
+            raise ValueError(f"options {sorted(options)} only apply to a named plan, not to a user's mapping")
+        styles = dict(plan)
+    else:
+        raise ValueError(f"plan must be a plan name or a mapping of module patterns to ParallelStyle, not {type(plan).__name__}")
+    for pattern, style in styles.items():
+        if not isinstance(style, ParallelStyle):
+            raise ValueError(f"plan entry {pattern!r} maps to {type(style).__name__}, not a ParallelStyle")
+        if not matching_modules(model, pattern):
+            raise ValueError(
+                f"plan entry {pattern!r} matches no module of {type(model).__name__}; "
+                f"is this the model the plan is for?"
+            )
+    return styles
+
+
+def tied_parameters(model):
+    """Groups of (module name, parameter name) that share one Parameter, e.g. wte and lm_head."""
+    by_id = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            by_id.setdefault(id(p), []).append((mod_name, p_name))
+    return [sorted(set(group)) for group in by_id.values() if len(set(group)) > 1]
+
+
+def retie(model, groups):
+    """Point every member of a tied group at the first member's (now distributed) Parameter."""
+    for group in groups:
+        (first_mod, first_name), *rest = group
+        shared = getattr(model.get_submodule(first_mod), first_name)
+        for mod_name, p_name in rest:
+            other = getattr(model.get_submodule(mod_name), p_name)
+            if getattr(other, "placements", None) != getattr(shared, "placements", None):
+                raise ValueError(
+                    f"tied parameters {first_mod}.{first_name} and {mod_name}.{p_name} were sharded "
+                    f"differently ({getattr(shared, 'placements', None)} vs {getattr(other, 'placements', None)}); "
+                    f"a plan must shard tied parameters the same way"
+                )
+            setattr(model.get_submodule(mod_name), p_name, shared)
+
+
+def parallelize(model, mesh, plan="megatron", **options):
+    """
+    Make `model` tensor-parallel over `mesh` in place and return it.
+
+    `plan` is a name from `plans.PLANS` (with its keyword `options`) or a mapping of module
+    path patterns to `ParallelStyle`s. Parameters that were tied stay one parameter.
+    """
+    tp_mesh = tp_submesh(mesh)
+    styles = resolve_plan(model, plan, options)
+    if hasattr(model, "config"):
+        check_divisible(model.config, tp_mesh.size())
+    sharding_rules.register()
+    tied = tied_parameters(model)
+    parallelize_module(model, tp_mesh, styles)
+    retie(model, tied)
+    return model

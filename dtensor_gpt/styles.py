@@ -1,0 +1,55 @@
+"""
+ParallelStyles that PyTorch does not ship, written like the ones in
+`torch.distributed.tensor.parallel.style` so that a reader who knows those knows these.
+"""
+
+import torch.nn as nn
+from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel
+
+from dtensor_gpt.sharding_rules import strided_shard
+
+
+class PackedColwiseParallel(ColwiseParallel):
+    """
+    Column-parallel Linear whose output packs `groups` equal parts (nanoGPT's fused q|k|v).
+
+    Plain `ColwiseParallel` gives rank 0 the first rows of the packed weight (all of q and
+    part of k). Here each of the `groups` parts is sharded on its own, so every rank holds
+    q, k and v for the same heads and attention needs no communication. Weight and bias are
+    `_StridedShard(0, split_factor=groups)`; the output, `_StridedShard(-1, groups)`, is kept
+    as it is (the model's `split` of it is local; see `dtensor_gpt.sharding_rules`).
+
+    Keyword Args:
+        groups (int): how many equal parts the output features pack. Default: 3 (q, k, v).
+        input_layouts (Placement, optional): the layout of the input. Default: Replicate().
+        use_local_output (bool, optional): return the local shard instead of the DTensor.
+            Default: False, since the unchanged model computes with global shapes.
+
+    Example::
+        >>> parallelize_module(model, tp_mesh, {"transformer.h.*.attn.c_attn": PackedColwiseParallel()})
+    """
+
+    def __init__(self, *, groups=3, input_layouts=None, use_local_output=False):
+        super().__init__(input_layouts=input_layouts, use_local_output=use_local_output)
+        self.groups = groups
+        self.output_layouts = (strided_shard(-1, groups),)
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for name, param in module.named_parameters():
+            dist_param = nn.Parameter(
+                distribute_tensor(
+                    param, device_mesh, [strided_shard(0, self.groups)], src_data_rank=self.src_data_rank
+                ),
+                requires_grad=param.requires_grad,
+            )
+            module.register_parameter(name, dist_param)
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        return outputs.to_local() if use_local_output else outputs
+
+    def _apply(self, module, device_mesh):
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"PackedColwiseParallel shards nn.Linear modules, not {type(module).__name__}")
+        return super()._apply(module, device_mesh)

@@ -1,0 +1,30 @@
+"""
+Tensor-parallel plans for nanoGPT module names, found by name.
+
+A plan is data: a dict from module-path patterns (`fnmatch` per dotted segment, as
+`parallelize_module` reads them) to `ParallelStyle`s. Each module here builds that dict
+from keyword options; `dtensor_gpt.parallelize` also accepts a user's own dict.
+"""
+
+import inspect
+
+from plans import megatron
+
+PLANS = {
+    "megatron": megatron.plan,
+}
+
+
+def get_plan(name, **options):
+    """The plan registered as `name`, built with `options`; ValueError names what is wrong."""
+    if name not in PLANS:
+        raise ValueError(f"unknown plan {name!r}; known plans: {', '.join(sorted(PLANS))}")
+    build = PLANS[name]
+    accepted = list(inspect.signature(build).parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"plan {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(accepted) or 'none'}"
+        )
+    return build(**options)

@@ -1,0 +1,45 @@
+"""Run a function on N gloo processes and hand rank 0's result back to the test."""
+
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank, world_size, init_file, result_file, fn, args):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            with open(result_file, "wb") as f:
+                pickle.dump(result, f)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size, *args):
+    """
+    Spawn `world_size` processes running `fn(rank, world_size, *args)` under gloo.
+
+    Rendezvous goes through a fresh file (no TCP port to collide between pytest-xdist
+    workers); `fn` must be a module-level function so that spawn can pickle it.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        result_file = os.path.join(tmp, "result.pkl")
+        mp.start_processes(
+            _worker, args=(world_size, init_file, result_file, fn, args),
+            nprocs=world_size, join=True, start_method="spawn",
+        )
+        with open(result_file, "rb") as f:
+            return pickle.load(f)
