@@ -4,6 +4,7 @@
 Everything is validated before any parameter moves, so a bad call leaves the model as it was.
 """
 
+import math
 from collections.abc import Mapping
 from fnmatch import fnmatch
 
@@ -31,14 +32,13 @@ def tp_submesh(mesh):
 
 def check_divisible(config, tp):
     """Heads, width and vocabulary must split evenly over `tp` ranks."""
-    for field in ("n_head", "n_embd", "vocab_size"):
-        value = getattr(config, field)
+    fields = {f: getattr(config, f) for f in ("n_head", "n_embd", "vocab_size")}
+    common = math.gcd(*fields.values())
+    valid = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+    for field, value in fields.items():
         if value % tp:
-            valid = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
-            raise ValueError(
-                f"{field}={value} is not divisible by tp={tp}; use tp in {{{', '.join(map(str, valid))}}}"
-                + (" or pad vocab_size to a multiple of tp" if field == "vocab_size" else "")
-            )
+            hint = "; or pad vocab_size to a multiple of tp" if field == "vocab_size" else ""
+            raise ValueError(f"{field}={value} is not divisible by tp={tp}; use tp in {{{valid}}}{hint}")
 
 
 def matching_modules(model, pattern):

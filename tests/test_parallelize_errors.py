@@ -1,0 +1,84 @@
+"""Bad input gives one clear ValueError before any parameter is moved."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel
+
+from dtensor_gpt import GPT, parallelize
+from helpers import fake_process_group, small_config
+
+
+@pytest.fixture
+def four_ranks():
+    with fake_process_group(4):
+        yield
+
+
+def assert_untouched(model, before):
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])
+
+
+@pytest.mark.parametrize(
+    "tp, overrides, message",
+    [
+        (4, dict(n_head=6, n_embd=96), r"n_head=6 is not divisible by tp=4; use tp in \{1, 2, 3, 6\}"),
+        (4, dict(vocab_size=98), r"vocab_size=98 is not divisible by tp=4; use tp in \{1, 2\}; or pad vocab_size"),
+        (5, dict(), r"n_head=12 is not divisible by tp=5; use tp in \{1, 2, 3, 4, 6, 12\}"),
+    ],
+)
+def test_dimensions_not_divisible(tp, overrides, message):
+    model = GPT(small_config(**overrides))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with fake_process_group(tp), pytest.raises(ValueError, match=message):
+        parallelize(model, init_device_mesh("cpu", (tp,)))
+    assert_untouched(model, before)
+
+
+def test_unknown_plan_lists_the_known_ones(four_ranks):
+    model = GPT(small_config())
+    with pytest.raises(ValueError, match=r"unknown plan 'megatorn'; known plans: megatron"):
+        parallelize(model, init_device_mesh("cpu", (4,)), plan="megatorn")
+    assert_untouched(model, {n: p.detach() for n, p in model.named_parameters()})
+
+
+def test_unknown_plan_option(four_ranks):
+    with pytest.raises(ValueError, match=r"plan 'megatron' has no option 'spd_blocks'; its options are: loss_parallel"):
+        parallelize(GPT(small_config()), init_device_mesh("cpu", (4,)), spd_blocks=[0])
+
+
+def test_mesh_without_tp_dimension(four_ranks):
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    with pytest.raises(ValueError, match=r"needs a dimension named 'tp'.*\('dp', 'cp'\)"):
+        parallelize(GPT(small_config()), mesh)
+    with pytest.raises(ValueError, match=r"mesh must be a torch.distributed.DeviceMesh, not int"):
+        parallelize(GPT(small_config()), 4)
+
+
+def test_two_dimensional_mesh_shards_over_tp(four_ranks):
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = parallelize(GPT(small_config()), mesh)
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    assert weight.device_mesh.mesh_dim_names == ("tp",) and weight.to_local().shape == (192, 96)
+
+
+def test_model_missing_planned_modules(four_ranks):
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"plan entry 'transformer.wte' matches no module of Sequential"):
+        parallelize(model, init_device_mesh("cpu", (4,)))
+    assert not isinstance(model[0].weight, DTensor)
+
+
+def test_users_own_plan(four_ranks):
+    model = GPT(small_config())
+    parallelize(model, init_device_mesh("cpu", (4,)), plan={"transformer.h.*.mlp.c_fc": ColwiseParallel()})
+    assert isinstance(model.transformer.h[1].mlp.c_fc.weight, DTensor)
+    assert not isinstance(model.transformer.h[1].mlp.c_proj.weight, DTensor)
+    with pytest.raises(ValueError, match=r"plan entry 'lm_head' maps to str, not a ParallelStyle"):
+        parallelize(GPT(small_config()), init_device_mesh("cpu", (4,)), plan={"lm_head": "colwise"})
+    with pytest.raises(ValueError, match=r"options \['loss_parallel'\] only apply to a named plan"):
+        parallelize(GPT(small_config()), init_device_mesh("cpu", (4,)), plan={}, loss_parallel=True)

@@ -1,0 +1,11 @@
+"""The README's test command is the one CI runs."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command.startswith("python3 -m venv .venv")
+    assert f"    {ci_command}\n" in (ROOT / "README.md").read_text()

@@ -1,0 +1,75 @@
+"""
+Pins the private DTensor behaviour `dtensor_gpt.sharding_rules` relies on, on 2 gloo ranks:
+packed q|k|v placement, the local split and cat, their fallbacks, and the CPU SDPA rules.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
+
+from distributed import run_distributed
+from dtensor_gpt import sharding_rules
+from dtensor_gpt.sharding_rules import strided_shard
+
+
+def _rules(rank, world_size):
+    sharding_rules.register()
+    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    C, part = 8, 8 // world_size
+    packed = torch.randn(2, 5, 3 * C, requires_grad=True)
+    checks = {}
+
+    x = distribute_tensor(packed.detach(), mesh, [strided_shard(2, 3)]).requires_grad_()
+    own = torch.cat([packed[..., g * C + rank * part: g * C + (rank + 1) * part] for g in range(3)], -1)
+    checks["own heads' q|k|v rows"] = torch.equal(x.to_local(), own)
+
+    upstream = [torch.full((2, 5, C), float(g + 1)) for g in range(3)]
+    upstream_sharded = [distribute_tensor(g, mesh, [Shard(2)]) for g in upstream]
+    with CommDebugMode() as mode:
+        q, k, v = x.split(C, dim=2)
+        torch.autograd.backward([q, k, v], upstream_sharded)
+    checks["split and its backward are local"] = mode.get_total_counts() == 0
+    checks["split gives Shard(2) q, k, v"] = all(t.placements == (Shard(2),) for t in (q, k, v))
+    expected = packed.split(C, dim=2)
+    checks["split values"] = all(torch.equal(t.full_tensor(), e) for t, e in zip((q, k, v), expected))
+    checks["gradient through split"] = x.grad.placements == (strided_shard(2, 3),) and torch.equal(
+        x.grad.full_tensor(), torch.cat(upstream, -1)
+    )
+
+    with CommDebugMode() as mode:
+        pieces = x.split(4, dim=2)
+    checks["other splits fall back to DTensor's rule"] = mode.get_total_counts() > 0 and all(
+        torch.equal(p.full_tensor(), e) for p, e in zip(pieces, packed.split(4, dim=2))
+    )
+
+    rows = distribute_tensor(packed.detach(), mesh, [Shard(0)])
+    checks["cat along an unsharded dim is DTensor's"] = torch.equal(
+        torch.cat([rows, rows], 2).full_tensor(), torch.cat([packed, packed], 2)
+    )
+
+    q, k, v = (distribute_tensor(t.detach().view(2, 5, 4, 2).transpose(1, 2), mesh, [Shard(1)]).requires_grad_()
+               for t in expected)
+    with CommDebugMode() as mode:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y.sum().backward()
+    checks["SDPA on heads is local"] = mode.get_total_counts() == 0 and y.placements == (Shard(1),)
+    q0, k0, v0 = (t.detach().view(2, 5, 4, 2).transpose(1, 2).requires_grad_() for t in expected)
+    y0 = F.scaled_dot_product_attention(q0, k0, v0, is_causal=True)
+    y0.sum().backward()
+    checks["SDPA values"] = torch.allclose(y.full_tensor(), y0, atol=1e-6)
+    checks["SDPA gradients"] = all(
+        torch.allclose(a.grad.full_tensor(), b.grad, atol=1e-6) for a, b in ((q, q0), (k, k0), (v, v0))
+    )
+    rep = [distribute_tensor(t.detach(), mesh, [Replicate()]) for t in (q0, k0, v0)]
+    checks["SDPA replicated"] = torch.allclose(F.scaled_dot_product_attention(*rep, is_causal=True).full_tensor(), y0)
+    return checks
+
+
+def test_sharding_rules_on_two_ranks():
+    checks = run_distributed(_rules, 2)
+    failed = [name for name, ok in checks.items() if not ok]
+    assert not failed, f"failed: {failed}"
+    assert len(checks) == 11
