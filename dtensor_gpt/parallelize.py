@@ -54,7 +54,7 @@ def matching_modules(model, pattern):
 
 def resolve_plan(model, plan, options):
     if isinstance(plan, str):
-        styles = get_plan(plan, **options)
+        styles = get_plan(plan, getattr(model, "config", None), **options)
     elif isinstance(plan, Mapping):
         if options:
             raise ValueError(f"options {sorted(options)} only apply to a named plan, not to a user's mapping")

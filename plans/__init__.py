@@ -8,23 +8,25 @@ from keyword options; `dtensor_gpt.parallelize` also accepts a user's own dict.
 
 import inspect
 
-from plans import megatron
+from plans import megatron, megatron_sp, spd
 
 PLANS = {
     "megatron": megatron.plan,
+    "megatron-sp": megatron_sp.plan,
+    "spd": spd.plan,
 }
 
 
-def get_plan(name, **options):
-    """The plan registered as `name`, built with `options`; ValueError names what is wrong."""
+def get_plan(name, config, **options):
+    """The plan registered as `name` for a model of `config`, built with `options`."""
     if name not in PLANS:
         raise ValueError(f"unknown plan {name!r}; known plans: {', '.join(sorted(PLANS))}")
     build = PLANS[name]
-    accepted = list(inspect.signature(build).parameters)
+    accepted = list(inspect.signature(build).parameters)[1:]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
             f"plan {name!r} has no option {', '.join(map(repr, unknown))}; "
             f"its options are: {', '.join(accepted) or 'none'}"
         )
-    return build(**options)
+    return build(config, **options)

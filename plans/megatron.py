@@ -18,24 +18,35 @@ from torch.distributed.tensor.parallel import (
 from dtensor_gpt.styles import PackedColwiseParallel
 
 
-def plan(*, loss_parallel=False):
-    """`loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`."""
+def block():
+    """Styles for one block, keyed by path inside the block."""
     return {
-        # 1. vocab-parallel embedding: each rank looks up its vocab rows, one all-reduce
-        "transformer.wte": RowwiseParallel(input_layouts=Replicate()),
-        # 2. attention: x enters as a replicated DTensor so the model's shape arithmetic
-        #    (B, T, C = x.size()) sees global sizes; q|k|v of each rank's own heads
-        "transformer.h.*.attn": PrepareModuleInput(
+        # x enters attention as a replicated DTensor so the model's shape arithmetic
+        # (B, T, C = x.size()) sees global sizes; c_attn gives q|k|v of each rank's own heads
+        "attn": PrepareModuleInput(
             input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
         ),
-        "transformer.h.*.attn.c_attn": PackedColwiseParallel(),
-        "transformer.h.*.attn.c_proj": RowwiseParallel(),
-        # 3. MLP
-        "transformer.h.*.mlp.c_fc": ColwiseParallel(),
-        "transformer.h.*.mlp.c_proj": RowwiseParallel(),
-        # 4. output projection, tied to wte (both shard the vocab dimension)
+        "attn.c_attn": PackedColwiseParallel(),
+        "attn.c_proj": RowwiseParallel(),
+        "mlp.c_fc": ColwiseParallel(),
+        "mlp.c_proj": RowwiseParallel(),
+    }
+
+
+def embedding_and_head(loss_parallel):
+    return {
+        # vocab-parallel embedding: each rank looks up its vocab rows, one all-reduce
+        "transformer.wte": RowwiseParallel(input_layouts=Replicate()),
+        # output projection, tied to wte (both shard the vocab dimension)
         "lm_head": ColwiseParallel(
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         ),
     }
+
+
+def plan(config, *, loss_parallel=False):
+    """`loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`."""
+    styles = embedding_and_head(loss_parallel)
+    styles.update({f"transformer.h.*.{path}": style for path, style in block().items()})
+    return styles

@@ -1,0 +1,42 @@
+"""
+Sync-Point Drop (Kim et al., ICML 2025, arXiv 2502.20727) on top of the megatron plan.
+
+Chosen blocks do 1 all-reduce per forward instead of 2 (see `dtensor_gpt.spd`); the others
+are exact Megatron blocks. `spd_blocks` is a list of block indices, "all", "last:K", or
+"auto:K" (the K blocks whose dropped sync point raises the loss least on a calibration
+batch, as in the paper's block-wise sensitivity; `dtensor_gpt.parallelize` measures it).
+"""
+
+from dtensor_gpt.spd import SyncPointDrop
+from plans import megatron
+
+
+def parse_spd_blocks(spd_blocks, n_layer):
+    """Block indices from a list, "all" or "last:K"; ValueError names the valid range."""
+    if spd_blocks == "all":
+        return list(range(n_layer))
+    if isinstance(spd_blocks, str) and spd_blocks.startswith("last:") and spd_blocks[5:].isdigit():
+        k = int(spd_blocks[5:])
+        if not 0 <= k <= n_layer:
+            raise ValueError(f"spd_blocks={spd_blocks!r} asks for {k} blocks but the model has n_layer={n_layer}; use 0..{n_layer}")
+        return list(range(n_layer - k, n_layer))
+    if isinstance(spd_blocks, str):
+        raise ValueError(f"spd_blocks={spd_blocks!r} is not understood; use a list of block indices, 'all', 'last:K' or 'auto:K'")
+    blocks = sorted(set(int(i) for i in spd_blocks))
+    bad = [i for i in blocks if not 0 <= i < n_layer]
+    if bad:
+        raise ValueError(f"spd_blocks {bad} out of range for n_layer={n_layer}; use indices 0..{n_layer - 1}")
+    return blocks
+
+
+def plan(config, *, spd_blocks="all", loss_parallel=False):
+    if config.dropout:
+        raise ValueError(f"plan 'spd' needs dropout=0 (config.dropout={config.dropout}); the paper's formula has no dropout")
+    dropped = parse_spd_blocks(spd_blocks, config.n_layer)
+    styles = megatron.embedding_and_head(loss_parallel)
+    for i in range(config.n_layer):
+        if i in dropped:
+            styles[f"transformer.h.{i}"] = SyncPointDrop()
+        else:
+            styles.update({f"transformer.h.{i}.{path}": style for path, style in megatron.block().items()})
+    return styles
