@@ -8,10 +8,19 @@ import math
 from collections.abc import Mapping
 from fnmatch import fnmatch
 
+import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from dtensor_gpt import sharding_rules
+from dtensor_gpt.styles import PackedColwiseParallel
 from plans import get_plan
 
 
@@ -52,9 +61,9 @@ def matching_modules(model, pattern):
     ]
 
 
-def resolve_plan(model, plan, options):
+def resolve_plan(model, mesh, plan, options):
     if isinstance(plan, str):
-        styles = get_plan(plan, getattr(model, "config", None), **options)
+        styles = get_plan(plan, model, mesh, **options)
     elif isinstance(plan, Mapping):
         if options:
             raise ValueError(f"options {sorted(options)} only apply to a named plan, not to a user's mapping")
@@ -64,12 +73,46 @@ def resolve_plan(model, plan, options):
     for pattern, style in styles.items():
         if not isinstance(style, ParallelStyle):
             raise ValueError(f"plan entry {pattern!r} maps to {type(style).__name__}, not a ParallelStyle")
-        if not matching_modules(model, pattern):
+        names = matching_modules(model, pattern)
+        if not names:
             raise ValueError(
                 f"plan entry {pattern!r} matches no module of {type(model).__name__}; "
                 f"is this the model the plan is for?"
             )
+        for name in names:
+            check_style_fits(style, model.get_submodule(name), name)
     return styles
+
+
+def check_style_fits(style, module, name):
+    """The module types a style can shard, checked before anything moves."""
+    if isinstance(style, PackedColwiseParallel):
+        kinds = (nn.Linear,)
+    elif isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        kinds = (nn.Linear, nn.Embedding)
+    else:
+        return
+    if not isinstance(module, kinds):
+        raise ValueError(
+            f"{type(style).__name__} shards {' or '.join(k.__name__ for k in kinds)} modules, "
+            f"but {name} is a {type(module).__name__}"
+        )
+
+
+def moves_parameters(style):
+    return not isinstance(style, (PrepareModuleInput, PrepareModuleOutput))
+
+
+def check_ties_covered(model, styles, groups):
+    """A tied parameter is sharded everywhere it is used or nowhere, never half."""
+    moved = [name for pattern, style in styles.items() if moves_parameters(style)
+             for name in matching_modules(model, pattern)]
+    for group in groups:
+        covered = [any(mod == m or mod.startswith(m + ".") for m in moved) for mod, _ in group]
+        if any(covered) and not all(covered):
+            names = ", ".join(f"{m}.{p}" if m else p for m, p in group)
+            raise ValueError(f"the plan shards some but not all uses of the tied parameter {names}; "
+                             f"give every one of them a style that shards it the same way")
 
 
 def tied_parameters(model):
@@ -105,11 +148,12 @@ def parallelize(model, mesh, plan="megatron", **options):
     path patterns to `ParallelStyle`s. Parameters that were tied stay one parameter.
     """
     tp_mesh = tp_submesh(mesh)
-    styles = resolve_plan(model, plan, options)
-    if hasattr(model, "config"):
+    if isinstance(plan, str) and hasattr(model, "config"):
         check_divisible(model.config, tp_mesh.size())
-    sharding_rules.register()
+    styles = resolve_plan(model, tp_mesh, plan, options)
     tied = tied_parameters(model)
+    check_ties_covered(model, styles, tied)
+    sharding_rules.register()
     parallelize_module(model, tp_mesh, styles)
     retie(model, tied)
     return model

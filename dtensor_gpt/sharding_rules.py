@@ -25,7 +25,6 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 aten = torch.ops.aten
-_handlers = DTensor._op_dispatcher._custom_op_handlers
 
 
 def strided_shard(dim, groups):
@@ -35,12 +34,24 @@ def strided_shard(dim, groups):
 
 @contextlib.contextmanager
 def _default_rule(op):
-    """Let DTensor's own rule handle `op` for a call our handler does not cover."""
-    handler = _handlers.pop(op)
+    """
+    Let DTensor's own rule handle `op` for a call our handler does not cover.
+
+    The handler table is looked up live (context parallelism swaps it for a copy) and the
+    handler is put back even if the call fails. Not thread-safe, like the table itself.
+    """
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    handler = handlers.pop(op, None)
     try:
         yield
     finally:
-        _handlers[op] = handler
+        if handler is not None:
+            handlers[op] = handler
+
+
+def _on_dim(placements, dim):
+    """(mesh dim, placement) of every placement that shards tensor dimension `dim`."""
+    return [(i, p) for i, p in enumerate(placements) if isinstance(p, (Shard, _StridedShard)) and p.dim == dim]
 
 
 def _wrap(local, mesh, placements, global_shape):
@@ -54,22 +65,28 @@ def _packed_split(op_call, args, kwargs):
     """split(x, size, dim) of a `_StridedShard(dim, sf)` tensor into exactly sf equal parts."""
     x, split_size = args[0], args[1]
     dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % x.ndim
-    groups = x.shape[dim] // split_size if split_size else 0
-    packed = [p for p in x.placements if isinstance(p, _StridedShard) and p.dim == dim]
-    if (
-        len(packed) != 1
-        or groups != packed[0].split_factor
-        or x.shape[dim] % split_size
-        or any(isinstance(p, Shard) and p.dim == dim for p in x.placements)
-    ):
+    on_dim = _on_dim(x.placements, dim)
+    exact = (
+        len(on_dim) == 1
+        and isinstance(on_dim[0][1], _StridedShard)
+        and split_size > 0
+        and x.shape[dim] == split_size * on_dim[0][1].split_factor
+        and split_size % x.device_mesh.size(on_dim[0][0]) == 0
+    )
+    if not exact and split_size > 0:
+        sizes = [min(split_size, x.shape[dim] - i) for i in range(0, x.shape[dim], split_size)]
+        return aten.split_with_sizes.default(x, sizes, dim)
+    if not exact:
         with _default_rule(op_call):
             return op_call(*args, **kwargs)
-    placements = [Shard(dim) if p is packed[0] else p for p in x.placements]
+    mesh_dim, packed = on_dim[0]
+    placements = list(x.placements)
+    placements[mesh_dim] = Shard(dim)
     local = x.to_local()
     shape = list(x.shape)
     shape[dim] = split_size
-    parts = [_wrap(part, x.device_mesh, placements, shape) for part in local.split(local.shape[dim] // groups, dim)]
-    return return_and_correct_aliasing(op_call, args, kwargs, parts)
+    parts = local.split(local.shape[dim] // packed.split_factor, dim)
+    return return_and_correct_aliasing(op_call, args, kwargs, [_wrap(t, x.device_mesh, placements, shape) for t in parts])
 
 
 def _packed_cat(op_call, args, kwargs):
@@ -77,42 +94,42 @@ def _packed_cat(op_call, args, kwargs):
     tensors = args[0]
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     first = tensors[0]
-    if not all(isinstance(t, DTensor) for t in tensors):
+    on_dim = _on_dim(first.placements, dim % first.ndim) if isinstance(first, DTensor) else []
+    exact = (
+        len(tensors) > 1
+        and all(isinstance(t, DTensor) for t in tensors)
+        and len(on_dim) == 1
+        and type(on_dim[0][1]) is Shard
+        and first.shape[dim] % first.device_mesh.size(on_dim[0][0]) == 0
+        and all(t.device_mesh == first.device_mesh and t.placements == first.placements
+                and t.shape == first.shape for t in tensors)
+    )
+    if not exact:
         with _default_rule(op_call):
             return op_call(*args, **kwargs)
     dim %= first.ndim
-    sharded = [i for i, p in enumerate(first.placements) if isinstance(p, Shard) and p.dim == dim]
-    if (
-        len(tensors) < 2
-        or len(sharded) != 1
-        or first.shape[dim] % first.device_mesh.size(sharded[0])
-        or any(
-            t.device_mesh != first.device_mesh
-            or t.placements != first.placements
-            or t.shape != first.shape
-            for t in tensors
-        )
-    ):
-        with _default_rule(op_call):
-            return op_call(*args, **kwargs)
     placements = list(first.placements)
-    placements[sharded[0]] = strided_shard(dim, len(tensors))
+    placements[on_dim[0][0]] = strided_shard(dim, len(tensors))
     shape = list(first.shape)
     shape[dim] *= len(tensors)
     local = torch.cat([t.to_local() for t in tensors], dim)
     return _wrap(local, first.device_mesh, placements, shape)
 
 
-def _sdpa_on_heads(query, key, value, *args, **kwargs):
-    """Forward: q, k, v and the output are all sharded on heads (dim 1), or all replicated."""
+def _sdpa_on_heads(query, key, value, *args, attn_mask=None, **kwargs):
+    """Forward: q, k, v and the output all sharded on heads (dim 1), or all replicated."""
+    if attn_mask is not None:
+        raise NotImplementedError("dtensor_gpt shards CPU attention without an attn_mask only")
     return [
         ([Replicate(), Replicate()], [Replicate(), Replicate(), Replicate()] + [None] * 4),
         ([Shard(1), Shard(1)], [Shard(1), Shard(1), Shard(1)] + [None] * 4),
     ]
 
 
-def _sdpa_backward_on_heads(grad_out, query, key, value, out, logsumexp, *args, **kwargs):
+def _sdpa_backward_on_heads(grad_out, query, key, value, out, logsumexp, *args, attn_mask=None, **kwargs):
     """Backward: the six tensor inputs and three gradients, all on heads or all replicated."""
+    if attn_mask is not None:
+        raise NotImplementedError("dtensor_gpt shards CPU attention without an attn_mask only")
     return [
         ([Replicate()] * 3, [Replicate()] * 6 + [None] * 4),
         ([Shard(1)] * 3, [Shard(1)] * 6 + [None] * 4),
@@ -127,8 +144,9 @@ def register():
     global _registered
     if _registered:
         return
-    _handlers[aten.split.Tensor] = _packed_split
-    _handlers[aten.cat.default] = _packed_cat
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    handlers[aten.split.Tensor] = _packed_split
+    handlers[aten.cat.default] = _packed_cat
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)(_sdpa_on_heads)
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)(
         _sdpa_backward_on_heads

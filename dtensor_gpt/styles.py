@@ -17,14 +17,16 @@ class PackedColwiseParallel(ColwiseParallel):
     Plain `ColwiseParallel` gives rank 0 the first rows of the packed weight (all of q and
     part of k). Here each of the `groups` parts is sharded on its own, so every rank holds
     q, k and v for the same heads and attention needs no communication. Weight and bias are
-    `_StridedShard(0, split_factor=groups)`; the output, `_StridedShard(-1, groups)`, is kept
-    as it is (the model's `split` of it is local; see `dtensor_gpt.sharding_rules`).
+    `_StridedShard(0, split_factor=groups)`; the output comes out `_StridedShard` on its last
+    dimension and is kept as it is (the model's `split` of it is local; see
+    `dtensor_gpt.sharding_rules`).
 
     Keyword Args:
         groups (int): how many equal parts the output features pack. Default: 3 (q, k, v).
         input_layouts (Placement, optional): the layout of the input. Default: Replicate().
-        use_local_output (bool, optional): return the local shard instead of the DTensor.
-            Default: False, since the unchanged model computes with global shapes.
+        use_local_output (bool, optional): return the local shard (this rank's q|k|v) instead
+            of the DTensor, for a model written for local heads. Default: False: an unchanged
+            nanoGPT splits by the global n_embd, which only a DTensor output satisfies.
 
     Example::
         >>> parallelize_module(model, tp_mesh, {"transformer.h.*.attn.c_attn": PackedColwiseParallel()})
@@ -33,21 +35,23 @@ class PackedColwiseParallel(ColwiseParallel):
     def __init__(self, *, groups=3, input_layouts=None, use_local_output=False):
         super().__init__(input_layouts=input_layouts, use_local_output=use_local_output)
         self.groups = groups
-        self.output_layouts = (strided_shard(-1, groups),)
 
     def _partition_linear_fn(self, name, module, device_mesh):
-        for name, param in module.named_parameters():
+        for param_name, param in module.named_parameters():
             dist_param = nn.Parameter(
                 distribute_tensor(
                     param, device_mesh, [strided_shard(0, self.groups)], src_data_rank=self.src_data_rank
                 ),
                 requires_grad=param.requires_grad,
             )
-            module.register_parameter(name, dist_param)
+            module.register_parameter(param_name, dist_param)
 
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
         return outputs.to_local() if use_local_output else outputs
+
+    def __repr__(self):
+        return f"{type(self).__name__}(groups={self.groups}, input_layouts={self.input_layouts}, use_local_output={self.use_local_output})"
 
     def _apply(self, module, device_mesh):
         if not isinstance(module, nn.Linear):

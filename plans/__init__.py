@@ -2,8 +2,9 @@
 Tensor-parallel plans for nanoGPT module names, found by name.
 
 A plan is data: a dict from module-path patterns (`fnmatch` per dotted segment, as
-`parallelize_module` reads them) to `ParallelStyle`s. Each module here builds that dict
-from keyword options; `dtensor_gpt.parallelize` also accepts a user's own dict.
+`parallelize_module` reads them) to `ParallelStyle`s. Each module here has a
+`plan(model, mesh, **options)` that builds that dict for a model about to be parallelized
+over `mesh`; `dtensor_gpt.parallelize` also accepts a user's own dict.
 """
 
 import inspect
@@ -17,16 +18,16 @@ PLANS = {
 }
 
 
-def get_plan(name, config, **options):
-    """The plan registered as `name` for a model of `config`, built with `options`."""
+def get_plan(name, model, mesh, **options):
+    """The plan registered as `name` for `model` on `mesh`, built with `options`."""
     if name not in PLANS:
         raise ValueError(f"unknown plan {name!r}; known plans: {', '.join(sorted(PLANS))}")
     build = PLANS[name]
-    accepted = list(inspect.signature(build).parameters)[1:]
+    accepted = list(inspect.signature(build).parameters)[2:]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
             f"plan {name!r} has no option {', '.join(map(repr, unknown))}; "
             f"its options are: {', '.join(accepted) or 'none'}"
         )
-    return build(config, **options)
+    return build(model, mesh, **options)

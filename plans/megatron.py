@@ -45,7 +45,7 @@ def embedding_and_head(loss_parallel):
     }
 
 
-def plan(config, *, loss_parallel=False):
+def plan(model, mesh, *, loss_parallel=False):
     """`loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`."""
     styles = embedding_and_head(loss_parallel)
     styles.update({f"transformer.h.*.{path}": style for path, style in block().items()})

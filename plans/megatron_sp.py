@@ -26,7 +26,7 @@ def gather_sequence():
     return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False)
 
 
-def plan(config, *, loss_parallel=False):
+def plan(model, mesh, *, loss_parallel=False):
     """`loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`."""
     return {
         # 1. vocab-parallel embedding, reduce-scattered straight onto sequence shards

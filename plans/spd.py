@@ -7,7 +7,7 @@ are exact Megatron blocks. `spd_blocks` is a list of block indices, "all", "last
 batch, as in the paper's block-wise sensitivity; `dtensor_gpt.parallelize` measures it).
 """
 
-from dtensor_gpt.spd import SyncPointDrop
+from dtensor_gpt.spd import SyncPointDrop, block_sensitivity
 from plans import megatron
 
 
@@ -20,6 +20,11 @@ def parse_spd_blocks(spd_blocks, n_layer):
         if not 0 <= k <= n_layer:
             raise ValueError(f"spd_blocks={spd_blocks!r} asks for {k} blocks but the model has n_layer={n_layer}; use 0..{n_layer}")
         return list(range(n_layer - k, n_layer))
+    if isinstance(spd_blocks, str) and spd_blocks.startswith("auto:"):
+        raise ValueError(
+            f"spd_blocks={spd_blocks!r} ranks blocks on calibration data, which only "
+            f"parallelize(model, mesh, 'spd', spd_blocks=..., calibration=ids) takes; here use indices, 'all' or 'last:K'"
+        )
     if isinstance(spd_blocks, str):
         raise ValueError(f"spd_blocks={spd_blocks!r} is not understood; use a list of block indices, 'all', 'last:K' or 'auto:K'")
     blocks = sorted(set(int(i) for i in spd_blocks))
@@ -29,10 +34,21 @@ def parse_spd_blocks(spd_blocks, n_layer):
     return blocks
 
 
-def plan(config, *, spd_blocks="all", loss_parallel=False):
+def plan(model, mesh, *, spd_blocks="all", calibration=None, loss_parallel=False):
+    """`calibration`: token ids (B, T + 1) to rank blocks by for spd_blocks="auto:K"."""
+    config = model.config
     if config.dropout:
         raise ValueError(f"plan 'spd' needs dropout=0 (config.dropout={config.dropout}); the paper's formula has no dropout")
-    dropped = parse_spd_blocks(spd_blocks, config.n_layer)
+    if isinstance(spd_blocks, str) and spd_blocks.startswith("auto:"):
+        k = spd_blocks[5:]
+        if not k.isdigit() or int(k) > config.n_layer:
+            raise ValueError(f"spd_blocks={spd_blocks!r}: K must be a whole number in 0..n_layer={config.n_layer}")
+        if calibration is None:
+            raise ValueError(f"spd_blocks={spd_blocks!r} ranks blocks on data: pass calibration=token ids of shape (B, T + 1)")
+        sensitivity = block_sensitivity(model, mesh, calibration)
+        dropped = sorted(sorted(range(config.n_layer), key=sensitivity.__getitem__)[: int(k)])
+    else:
+        dropped = parse_spd_blocks(spd_blocks, config.n_layer)
     styles = megatron.embedding_and_head(loss_parallel)
     for i in range(config.n_layer):
         if i in dropped:

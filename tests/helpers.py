@@ -1,12 +1,16 @@
 """Small helpers shared by the tests: a tiny config, comparisons, collective counts."""
 
 import contextlib
+import copy
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import loss_parallel
 
-from dtensor_gpt import GPTConfig
+from dtensor_gpt import GPT, GPTConfig, parallelize
 
 # n_head=12 and vocab 96 are divisible by every TP degree under test (1, 2, 3, 4)
 SMALL = dict(block_size=32, vocab_size=96, n_layer=2, n_head=12, n_embd=96)
@@ -57,3 +61,41 @@ def fake_process_group(world_size):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def compare_with_single_device(rank, world_size, config, shape, plan="megatron", options=None):
+    """Reference and TP model from one seed; logits, loss and every gradient, both head modes."""
+    options = options or {}
+    torch.manual_seed(0)
+    reference = GPT(config)
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, config.vocab_size, shape, generator=generator)
+    targets = torch.randint(0, config.vocab_size, shape, generator=generator)
+    ref_logits, ref_loss = reference(idx, targets)
+    ref_loss.backward()
+    ref_last, _ = reference(idx)
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    train = parallelize(copy.deepcopy(reference), mesh, plan, loss_parallel=True, **options)
+    with CommDebugMode() as forward_mode, loss_parallel():
+        logits, loss = train(idx, targets)
+    with CommDebugMode() as backward_mode, loss_parallel():
+        loss.backward()
+
+    generate = parallelize(copy.deepcopy(reference), mesh, plan, **options)
+    with torch.no_grad(), CommDebugMode() as generate_mode:
+        last, no_loss = generate(idx)
+
+    return dict(
+        logits=(full(logits) - ref_logits).abs().max().item(),
+        logits_placements=tuple(logits.placements),
+        loss=(full(loss) - ref_loss).abs().item(),
+        grads=max_grad_errors(train, reference),
+        last=(last - ref_last).abs().max().item(),
+        last_is_plain=type(last) is torch.Tensor and no_loss is None,
+        tied=train.lm_head.weight is train.transformer.wte.weight,
+        forward=comm_counts(forward_mode)["forward"]["Global"],
+        backward=comm_counts(backward_mode)["backward"]["Global"],
+        generate=comm_counts(generate_mode)["forward"]["Global"],
+        local_bytes=local_parameter_bytes(train),
+    )

@@ -1,63 +1,17 @@
 """The megatron plan against the unparallelized model: exact, minimal collectives, 1/TP memory."""
 
-import copy
-
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
 from distributed import run_distributed
 from dtensor_gpt import GPT, GPTConfig, parallelize
-from helpers import (
-    comm_counts,
-    fake_process_group,
-    full,
-    local_parameter_bytes,
-    max_grad_errors,
-    small_config,
-)
+from helpers import comm_counts, compare_with_single_device, fake_process_group, small_config
 
 TOL = 1e-5
-
-
-def _compare(rank, world_size, config, shape):
-    """Reference and TP model from one seed; logits, loss and every gradient, both head modes."""
-    torch.manual_seed(0)
-    reference = GPT(config)
-    generator = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, config.vocab_size, shape, generator=generator)
-    targets = torch.randint(0, config.vocab_size, shape, generator=generator)
-    ref_logits, ref_loss = reference(idx, targets)
-    ref_loss.backward()
-    ref_last, _ = reference(idx)
-    mesh = init_device_mesh("cpu", (world_size,))
-
-    train = parallelize(copy.deepcopy(reference), mesh, "megatron", loss_parallel=True)
-    train.zero_grad()
-    with CommDebugMode() as forward_mode, loss_parallel():
-        logits, loss = train(idx, targets)
-    with CommDebugMode() as backward_mode, loss_parallel():
-        loss.backward()
-
-    generate = parallelize(copy.deepcopy(reference), mesh, "megatron")
-    with torch.no_grad(), CommDebugMode() as generate_mode:
-        last, no_loss = generate(idx)
-
-    return dict(
-        logits=(full(logits) - ref_logits).abs().max().item(),
-        logits_sharded=tuple(logits.placements) != (),
-        loss=(full(loss) - ref_loss).abs().item(),
-        grads=max_grad_errors(train, reference),
-        last=(last - ref_last).abs().max().item(),
-        last_is_plain=type(last) is torch.Tensor and no_loss is None,
-        tied=train.lm_head.weight is train.transformer.wte.weight,
-        forward=comm_counts(forward_mode)["forward"]["Global"],
-        backward=comm_counts(backward_mode)["backward"]["Global"],
-        generate=comm_counts(generate_mode)["forward"]["Global"],
-        local_bytes=local_parameter_bytes(train),
-    )
 
 
 def expected_local_bytes(config, tp):
@@ -71,13 +25,14 @@ def expected_local_bytes(config, tp):
 @pytest.mark.parametrize("tp", [1, 2, 3, 4])
 def test_megatron_matches_single_device(tp):
     config = small_config()
-    r = run_distributed(_compare, tp, config, (2, 16))
+    r = run_distributed(compare_with_single_device, tp, config, (2, 16))
     assert r["tied"], "lm_head and wte must stay one parameter"
     assert r["logits"] < TOL and r["loss"] < TOL and r["last"] < TOL
     worst = max(r["grads"], key=r["grads"].get)
     assert r["grads"][worst] < TOL, f"gradient of {worst} differs by {r['grads'][worst]}"
     assert len(r["grads"]) == len(list(GPT(config).parameters()))
     assert r["last_is_plain"], "without loss_parallel the logits come back as a plain replicated tensor"
+    assert r["logits_placements"] == (Shard(2),), "with loss_parallel the logits stay vocab-sharded"
     assert r["local_bytes"] == expected_local_bytes(config, tp)
     if tp > 1:
         L = config.n_layer
@@ -89,7 +44,7 @@ def test_megatron_matches_single_device(tp):
 
 
 def test_gpt2_small_config_at_tp2():
-    r = run_distributed(_compare, 2, GPTConfig(), (1, 64))
+    r = run_distributed(compare_with_single_device, 2, GPTConfig(), (1, 64))
     assert r["logits"] < TOL and r["loss"] < TOL and r["last"] < TOL
     worst = max(r["grads"], key=r["grads"].get)
     assert r["grads"][worst] < TOL, f"gradient of {worst} differs by {r['grads'][worst]}"
@@ -112,3 +67,21 @@ def test_collectives_per_block(tp, n_layer):
     assert counts["transformer.wte"] == {"all_reduce": 1}
     assert counts["lm_head"] == {"all_gather_into_tensor": 1}
     assert counts["Global"] == {"all_reduce": 2 * n_layer + 1, "all_gather_into_tensor": 1}
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_training_collectives_per_block(n_layer):
+    """With loss_parallel: forward 2 per block + wte + 3 in the loss; backward 2 per block + ln_f."""
+    with fake_process_group(2):
+        model = parallelize(GPT(small_config(n_layer=n_layer)), init_device_mesh("cpu", (2,)), loss_parallel=True)
+        idx = torch.randint(0, 96, (2, 16))
+        with CommDebugMode() as forward, loss_parallel():
+            _, loss = model(idx, idx)
+        with CommDebugMode() as backward, loss_parallel():
+            loss.backward()
+    fwd, bwd = comm_counts(forward)["forward"], comm_counts(backward)["backward"]
+    assert fwd["Global"] == {"all_reduce": 2 * n_layer + 1 + 3}
+    assert bwd["Global"] == {"all_reduce": 2 * n_layer + 1}
+    for i in range(n_layer):
+        assert fwd[f"transformer.h.{i}"] == bwd[f"transformer.h.{i}"] == {"all_reduce": 2}
+    assert bwd["lm_head"] == {"all_reduce": 1}

@@ -8,6 +8,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel
 
 from dtensor_gpt import GPT, parallelize
+from dtensor_gpt.styles import PackedColwiseParallel
 from helpers import fake_process_group, small_config
 
 
@@ -17,8 +18,14 @@ def four_ranks():
         yield
 
 
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def assert_untouched(model, before):
     assert not any(isinstance(p, DTensor) for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name])
 
@@ -33,30 +40,43 @@ def assert_untouched(model, before):
 )
 def test_dimensions_not_divisible(tp, overrides, message):
     model = GPT(small_config(**overrides))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     with fake_process_group(tp), pytest.raises(ValueError, match=message):
         parallelize(model, init_device_mesh("cpu", (tp,)))
     assert_untouched(model, before)
 
 
-def test_unknown_plan_lists_the_known_ones(four_ranks):
+@pytest.mark.parametrize(
+    "plan, options, message",
+    [
+        ("megatorn", {}, r"unknown plan 'megatorn'; known plans: megatron, megatron-sp, spd"),
+        ("megatron", dict(spd_blocks=[0]), r"plan 'megatron' has no option 'spd_blocks'; its options are: loss_parallel"),
+        ("spd", dict(spd_blocks=[0, 2]), r"spd_blocks \[2\] out of range for n_layer=2; use indices 0..1"),
+        ("spd", dict(spd_blocks="auto:1"), r"spd_blocks='auto:1' ranks blocks on data: pass calibration="),
+        ({"lm_head": "colwise"}, {}, r"plan entry 'lm_head' maps to str, not a ParallelStyle"),
+        ({}, dict(loss_parallel=True), r"options \['loss_parallel'\] only apply to a named plan"),
+        ({"transformer.wte": PackedColwiseParallel()}, {}, r"PackedColwiseParallel shards Linear modules, but transformer.wte is a Embedding"),
+        ({"transformer.h.0.ln_1": ColwiseParallel()}, {}, r"ColwiseParallel shards Linear or Embedding modules, but transformer.h.0.ln_1 is a LayerNorm"),
+        ({"lm_head": ColwiseParallel()}, {}, r"shards some but not all uses of the tied parameter lm_head.weight, transformer.wte.weight"),
+    ],
+)
+def test_bad_plan(four_ranks, plan, options, message):
     model = GPT(small_config())
-    with pytest.raises(ValueError, match=r"unknown plan 'megatorn'; known plans: megatron"):
-        parallelize(model, init_device_mesh("cpu", (4,)), plan="megatorn")
-    assert_untouched(model, {n: p.detach() for n, p in model.named_parameters()})
-
-
-def test_unknown_plan_option(four_ranks):
-    with pytest.raises(ValueError, match=r"plan 'megatron' has no option 'spd_blocks'; its options are: loss_parallel"):
-        parallelize(GPT(small_config()), init_device_mesh("cpu", (4,)), spd_blocks=[0])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        parallelize(model, init_device_mesh("cpu", (4,)), plan, **options)
+    assert_untouched(model, before)
 
 
 def test_mesh_without_tp_dimension(four_ranks):
+    model = GPT(small_config())
+    before = snapshot(model)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
     with pytest.raises(ValueError, match=r"needs a dimension named 'tp'.*\('dp', 'cp'\)"):
-        parallelize(GPT(small_config()), mesh)
+        parallelize(model, mesh)
     with pytest.raises(ValueError, match=r"mesh must be a torch.distributed.DeviceMesh, not int"):
-        parallelize(GPT(small_config()), 4)
+        parallelize(model, 4)
+    assert_untouched(model, before)
 
 
 def test_two_dimensional_mesh_shards_over_tp(four_ranks):
@@ -78,7 +98,3 @@ def test_users_own_plan(four_ranks):
     parallelize(model, init_device_mesh("cpu", (4,)), plan={"transformer.h.*.mlp.c_fc": ColwiseParallel()})
     assert isinstance(model.transformer.h[1].mlp.c_fc.weight, DTensor)
     assert not isinstance(model.transformer.h[1].mlp.c_proj.weight, DTensor)
-    with pytest.raises(ValueError, match=r"plan entry 'lm_head' maps to str, not a ParallelStyle"):
-        parallelize(GPT(small_config()), init_device_mesh("cpu", (4,)), plan={"lm_head": "colwise"})
-    with pytest.raises(ValueError, match=r"options \['loss_parallel'\] only apply to a named plan"):
-        parallelize(GPT(small_config()), init_device_mesh("cpu", (4,)), plan={}, loss_parallel=True)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from distributed import run_distributed
 from dtensor_gpt import sharding_rules
@@ -73,3 +74,38 @@ def test_sharding_rules_on_two_ranks():
     failed = [name for name, ok in checks.items() if not ok]
     assert not failed, f"failed: {failed}"
     assert len(checks) == 11
+
+
+def _rules_on_2d_mesh(rank, world_size):
+    sharding_rules.register()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    checks = {}
+    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    fsdp_tp = [_StridedShard(1, split_factor=2), Shard(1)]
+    out = torch.cat([distribute_tensor(a, mesh, fsdp_tp), distribute_tensor(b, mesh, fsdp_tp)], 1)
+    checks["cat of an FSDP+TP layout is DTensor's, and right"] = torch.equal(out.full_tensor(), torch.cat([a, b], 1))
+
+    packed = torch.randn(2, 3, 24)
+    x = distribute_tensor(packed, mesh, [Replicate(), strided_shard(2, 3)])
+    with CommDebugMode() as mode:
+        parts = x.split(8, dim=2)
+    checks["packed split on the tp dim of a 2-D mesh is local"] = mode.get_total_counts() == 0 and all(
+        p.placements == (Replicate(), Shard(2)) for p in parts
+    )
+    checks["packed split on a 2-D mesh, values"] = all(
+        torch.equal(p.full_tensor(), e) for p, e in zip(parts, packed.split(8, dim=2))
+    )
+
+    both = distribute_tensor(packed, mesh, [Shard(2), strided_shard(2, 3)])
+    checks["a second shard on the packed dim falls back, right"] = all(
+        torch.equal(p.full_tensor(), e) for p, e in zip(both.split(8, dim=2), packed.split(8, dim=2))
+    )
+    return checks
+
+
+def test_sharding_rules_on_a_2d_mesh():
+    checks = run_distributed(_rules_on_2d_mesh, 4)
+    failed = [name for name, ok in checks.items() if not ok]
+    assert not failed, f"failed: {failed}"
+    assert len(checks) == 4

@@ -1,0 +1,300 @@
+"""
+Communication report: every collective of one forward (and backward) of a parallelized GPT,
+per module, with bytes, against the plan's theoretical minimum.
+
+    python -m dtensor_gpt.comm --plan megatron --tp 4 --config gpt2 --seq 1024
+    python -m dtensor_gpt.comm --plan spd --spd-blocks last:6 --tp 2 --backward
+    python -m dtensor_gpt.comm --tp 4 --png plans.png   # bar chart of all plans
+
+It runs in one process over torch's fake process group, which plays all TP ranks: the
+collectives DTensor issues, and their sizes, are exactly those of a real job; their
+results are not computed, so nothing here checks numbers. Wire bytes are per rank for
+ring algorithms: all-reduce moves 2(N-1)/N of the message, all-gather and reduce-scatter
+(N-1)/N of the full (gathered) tensor.
+"""
+
+import argparse
+import contextlib
+import re
+import sys
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import loss_parallel
+
+from dtensor_gpt.configs import CONFIGS, config_by_name
+from dtensor_gpt.model import GPT, GPTConfig
+from dtensor_gpt.parallelize import check_divisible, parallelize
+from plans import PLANS
+from plans.spd import parse_spd_blocks
+
+_funcol = torch.ops._c10d_functional
+KINDS = {
+    _funcol.all_reduce: "all_reduce",
+    _funcol.all_gather_into_tensor: "all_gather",
+    _funcol.reduce_scatter_tensor: "reduce_scatter",
+}
+WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+                 "reduce_scatter": lambda n: (n - 1) / n}
+
+
+@dataclass(frozen=True)
+class Collective:
+    module: str  # innermost module running when it was issued ("" for the model itself)
+    phase: str  # "forward" or "backward"
+    kind: str  # all_reduce, all_gather, reduce_scatter
+    message_bytes: int  # the full tensor reduced or gathered
+
+
+class _Recorder(CommDebugMode):
+    """CommDebugMode, plus the module, phase and size of each collective."""
+
+    def __init__(self):
+        super().__init__()
+        self.collectives = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        kind = KINDS.get(getattr(func, "_overloadpacket", None))
+        if kind is not None and out is not NotImplemented:
+            size = args[0].numel() * args[0].element_size()
+            if kind == "all_gather":
+                size *= args[1]
+            module = self.advanced_module_tracker.name
+            module = "" if module == "Global" or "." not in module else module.split(".", 1)[1]
+            phase = "backward" if self.advanced_module_tracker.is_bw else "forward"
+            self.collectives.append(Collective(module, phase, kind, size))
+        return out
+
+
+def record_collectives(model, idx, targets=None, backward=False):
+    """The collectives of model(idx[, targets]) (and its backward) in issue order."""
+    warnings.filterwarnings("ignore", "Full backward hook is firing")
+    recorder = _Recorder()
+    lp = loss_parallel() if targets is not None else contextlib.nullcontext()
+    grad = contextlib.nullcontext() if backward else torch.no_grad()
+    with recorder, lp, grad:
+        logits, loss = model(idx, targets)
+        if backward:
+            loss.backward()
+    if isinstance(logits, AsyncCollectiveTensor):
+        logits.wait()  # the gather was issued; finish it before the process group goes
+    return recorder.collectives
+
+
+def part_of_model(module):
+    """Which part a module belongs to: "block i", "embedding", "head" or "loss"."""
+    block = re.match(r"transformer\.h\.(\d+)", module)
+    if block:
+        return f"block {block.group(1)}"
+    if module.startswith(("transformer.wte", "transformer.wpe", "transformer.drop")):
+        return "embedding"
+    if module.startswith(("transformer.ln_f", "lm_head")):
+        return "head"
+    return "loss"
+
+
+def minimum(plan, config, batch, seq, tp, backward, dropped):
+    """
+    The fewest collectives each part of the model needs under `plan`: (phase, kind, bytes).
+
+    Megatron: 2 all-reduces of the (B, T, C) activations per block; sequence parallel: the
+    same bytes as 2 all-gathers + 2 reduce-scatters; a dropped sync point: 1 all-reduce (and
+    in backward one all-reduce of the 3C replicated-parameter gradients its rank-local MLP
+    input feeds: ln_2's weight and bias and attn.c_proj's bias). Generation gathers only the
+    last position's logits; training (with `backward`) keeps them vocab-sharded and its
+    cross entropy needs 2 all-reduces of (B, T) floats: the max, then the sum of
+    exponentials together with the target logit.
+    """
+    s = 4  # fp32
+    act = batch * seq * config.n_embd * s
+    sp = plan == "megatron-sp"
+    need = {}
+    for i in range(config.n_layer):
+        if i in dropped:
+            fwd = [("all_reduce", act)]
+            bwd = [("all_reduce", act)] * 2 + [("all_reduce", 3 * config.n_embd * s)]
+        elif sp:
+            fwd = bwd = [("all_gather", act), ("reduce_scatter", act)] * 2
+        else:
+            fwd = bwd = [("all_reduce", act)] * 2
+        need[f"block {i}"] = [("forward",) + c for c in fwd] + ([("backward",) + c for c in bwd] if backward else [])
+    need["embedding"] = [("forward", "reduce_scatter" if sp else "all_reduce", act)]
+    if backward:
+        need["embedding"] += [("backward", "all_gather", act)] if sp else []
+        need["head"] = [("forward", "all_gather", act), ("backward", "reduce_scatter", act)] if sp else [
+            ("backward", "all_reduce", act)]
+        need["loss"] = [("forward", "all_reduce", batch * seq * s), ("forward", "all_reduce", 2 * batch * seq * s)]
+    else:
+        last = batch * config.n_embd * s
+        need["head"] = ([("forward", "all_gather", last)] if sp else []) + [
+            ("forward", "all_gather", batch * config.vocab_size * s)]
+    return need
+
+
+def _excess(measured, needed):
+    """
+    What `measured` does beyond `needed`, per phase and kind: the extra collectives (the
+    smallest ones, when there are more than needed) and any bytes over the needed total.
+    """
+    extra = []
+    for key in sorted({c[:2] for c in measured}):
+        sizes = sorted(c[2] for c in measured if c[:2] == key)
+        allowed = sorted(n[2] for n in needed if n[:2] == key)
+        surplus = len(sizes) - len(allowed)
+        extra += [key + (size,) for size in sizes[:max(surplus, 0)]]
+        kept = sizes[max(surplus, 0):]
+        if sum(kept) > sum(allowed):
+            extra.append(key + (sum(kept) - sum(allowed),))
+    return extra
+
+
+def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, **plan_options):
+    """
+    Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
+    process group and return what it communicated, per module and per part of the model,
+    next to the plan's minimum. `config` is a GPTConfig or a name from `configs.CONFIGS`.
+    """
+    config = config_by_name(config) if isinstance(config, str) else config
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r}; known plans: {', '.join(sorted(PLANS))}")
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp={tp!r} must be a positive integer")
+    seq = seq or config.block_size
+    if not 1 <= seq <= config.block_size:
+        raise ValueError(f"seq={seq} must be in 1..block_size={config.block_size}")
+    if dist.is_initialized():
+        raise ValueError("comm_report runs its own fake process group; call it outside a distributed job")
+    check_divisible(config, tp)
+    dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
+
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(None):
+            model = GPT(config)
+        parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=backward, **plan_options)
+        idx = torch.randint(0, config.vocab_size, (batch, seq))
+        collectives = record_collectives(model, idx, idx if backward else None, backward)
+    finally:
+        dist.destroy_process_group()
+
+    tokens = batch * seq
+    rows = Counter(collectives)
+    per_module = [
+        dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
+        for c, n in rows.items()
+    ]
+    needed = minimum(plan, config, batch, seq, tp, backward, dropped)
+    measured = {}
+    for c in collectives:
+        measured.setdefault(part_of_model(c.module), []).append((c.phase, c.kind, c.message_bytes))
+    above = {part: _excess(measured.get(part, []), needed.get(part, [])) for part in set(measured) | set(needed)}
+    wire = lambda cs: sum(b * WIRE_FRACTION[k](tp) for _, k, b in cs)
+    block_wire = sum(wire(cs) for part, cs in measured.items() if part.startswith("block"))
+    return dict(
+        plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward,
+        spd_blocks=dropped, collectives=per_module,
+        wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
+        minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
+        block_wire_bytes_per_token=block_wire / tokens / config.n_layer,
+        counts=dict(Counter(c.kind for c in collectives if c.phase == "forward")),
+        above_minimum={part: extra for part, extra in sorted(above.items()) if extra},
+    )
+
+
+def format_report(report):
+    tp, lines = report["tp"], []
+    c = report["config"]
+    lines.append(f"plan {report['plan']}, tp={tp}, n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
+                 f"vocab={c['vocab_size']}, batch={report['batch']} seq={report['seq']}"
+                 + (", forward + backward" if report["backward"] else ", forward")
+                 + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
+    lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
+    for r in sorted(report["collectives"], key=lambda r: (r["phase"] != "forward", r["module"])):
+        lines.append(f"{r['module'] or '(model: loss)':34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
+                     f"{r['message_bytes']:>14,} {r['wire_bytes']:>16,}")
+    lines.append(f"wire bytes per token per rank: {report['wire_bytes_per_token']:,.0f} "
+                 f"(theoretical minimum {report['minimum_wire_bytes_per_token']:,.0f}); "
+                 f"per block {report['block_wire_bytes_per_token']:,.0f}")
+    if report["above_minimum"]:
+        for part, extra in report["above_minimum"].items():
+            for phase, kind, size in extra:
+                lines.append(f"ABOVE MINIMUM  {part}: {phase} {kind} of {size:,} bytes")
+    else:
+        lines.append("every collective is at the plan's minimum")
+    return "\n".join(lines)
+
+
+def plot_plans(reports, path):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in reports]
+    values = [r["block_wire_bytes_per_token"] for r in reports]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(labels, values, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(values)])
+    ax.bar_label(bars, fmt="{:,.0f}")
+    r = reports[0]
+    ax.set_ylabel("wire bytes / token / block / rank")
+    ax.set_title(f"collective bytes per token per block, TP={r['tp']}, n_embd={r['config']['n_embd']}, "
+                 + ("forward + backward" if r["backward"] else "forward"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dtensor_gpt.comm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", default="megatron", help=f"one of {', '.join(sorted(PLANS))}")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--config", default="tiny", help=f"a named size: {', '.join(CONFIGS)}")
+    for field in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        parser.add_argument("--" + field.replace("_", "-"), type=int, help=f"override the config's {field}")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, help="sequence length (default: block_size)")
+    parser.add_argument("--backward", action="store_true", help="also run a backward (training step, loss_parallel)")
+    parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
+    parser.add_argument("--png", help="draw a bar chart comparing all plans to this file")
+    args = parser.parse_args(argv)
+    try:
+        overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+                     if getattr(args, f) is not None}
+        config = config_by_name(args.config, **overrides)
+        blocks = args.spd_blocks
+        if re.fullmatch(r"\d+(,\d+)*", blocks):
+            blocks = [int(i) for i in blocks.split(",")]
+        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward)
+        options = dict(spd_blocks=blocks) if args.plan == "spd" else {}
+        print(format_report(comm_report(args.plan, **common, **options)))
+        if args.png:
+            half = f"last:{config.n_layer // 2}"
+            variants = [("megatron", {}), ("megatron-sp", {}), ("spd", dict(spd_blocks=half)),
+                        ("spd", dict(spd_blocks="all"))]
+            reports = []
+            for plan, opts in variants:
+                r = comm_report(plan, **common, **opts)
+                r["label"] = plan if plan != "spd" else f"spd {len(r['spd_blocks'])}/{config.n_layer}"
+                reports.append(r)
+            plot_plans(reports, args.png)
+            print(f"wrote {args.png}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
