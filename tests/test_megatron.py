@@ -75,11 +75,10 @@ def test_training_collectives_per_block(n_layer):
     with fake_process_group(2):
         model = parallelize(GPT(small_config(n_layer=n_layer)), init_device_mesh("cpu", (2,)), loss_parallel=True)
         idx = torch.randint(0, 96, (2, 16))
-        with CommDebugMode() as forward, loss_parallel():
+        with CommDebugMode() as mode, loss_parallel():
             _, loss = model(idx, idx)
-        with CommDebugMode() as backward, loss_parallel():
             loss.backward()
-    fwd, bwd = comm_counts(forward)["forward"], comm_counts(backward)["backward"]
+    fwd, bwd = comm_counts(mode)["forward"], comm_counts(mode)["backward"]
     assert fwd["Global"] == {"all_reduce": 2 * n_layer + 1 + 3}
     assert bwd["Global"] == {"all_reduce": 2 * n_layer + 1}
     for i in range(n_layer):
