@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, parallelize
 from dtensor_gpt.configs import CONFIGS, config_by_name
-from dtensor_gpt.launch import init_distributed
+from dtensor_gpt.launch import exit_distributed, init_distributed
 
 # CommDebugMode's module tracker warns when a module's inputs need no gradient (token ids)
 warnings.filterwarnings("ignore", "Full backward hook is firing")
@@ -77,7 +77,7 @@ def main():
     say(f"max |last logits - single|     {last_error:.2e}  (generation: replicated last-position logits)")
     say(f"collectives in one forward     {dict(collectives)}  ({config.n_layer} blocks)")
     say(f"parameter bytes per rank       {local_bytes:,} of {ref_bytes:,} ({local_bytes / ref_bytes:.1%})")
-    dist.destroy_process_group()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dtensor_gpt.launch import exit_distributed
+
 
 def _worker(rank, world_size, init_file, result_file, fn, args):
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -19,12 +21,11 @@ def _worker(rank, world_size, init_file, result_file, fn, args):
         if rank == 0:
             with open(result_file, "wb") as f:
                 pickle.dump(result, f)
-        dist.barrier()  # no rank tears gloo down while another still talks to it
     except Exception:
         traceback.print_exc()
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    exit_distributed()
 
 
 def run_distributed(fn, world_size, *args):
