@@ -89,7 +89,10 @@ def record_collectives(model, idx, targets=None, backward=False):
 
 
 def part_of_model(module):
-    """Which part a module belongs to: "block i", "embedding", "head" or "loss"."""
+    """
+    Which part a module belongs to: "block i", "embedding", "head", or "model" for what the
+    model's own forward does outside submodules (the loss, the last-position index).
+    """
     block = re.match(r"transformer\.h\.(\d+)", module)
     if block:
         return f"block {block.group(1)}"
@@ -97,7 +100,7 @@ def part_of_model(module):
         return "embedding"
     if module.startswith(("transformer.ln_f", "lm_head")):
         return "head"
-    return "loss"
+    return "model"
 
 
 def minimum(plan, config, batch, seq, tp, backward, dropped):
@@ -130,7 +133,7 @@ def minimum(plan, config, batch, seq, tp, backward, dropped):
         need["embedding"] += [("backward", "all_gather", act)] if sp else []
         need["head"] = [("forward", "all_gather", act), ("backward", "reduce_scatter", act)] if sp else [
             ("backward", "all_reduce", act)]
-        need["loss"] = [("forward", "all_reduce", batch * seq * s), ("forward", "all_reduce", 2 * batch * seq * s)]
+        need["model"] = [("forward", "all_reduce", batch * seq * s), ("forward", "all_reduce", 2 * batch * seq * s)]
     else:
         last = batch * config.n_embd * s
         need["head"] = ([("forward", "all_gather", last)] if sp else []) + [
@@ -269,6 +272,8 @@ def main(argv=None):
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--png", help="draw a bar chart comparing all plans to this file")
     args = parser.parse_args(argv)
+    # indexing the last position of sequence shards makes DTensor say so; the report shows it
+    warnings.filterwarnings("ignore", "Found a non-scalar tensor with numel=1")
     try:
         overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
                      if getattr(args, f) is not None}

@@ -130,7 +130,7 @@ def block_sensitivity(model, mesh, calibration):
     """
     from dtensor_gpt.parallelize import parallelize
 
-    idx, targets = calibration[:, :-1], calibration[:, 1:]
+    idx, targets = calibration[:, :-1].contiguous(), calibration[:, 1:].contiguous()
 
     def loss_with(plan, **options):
         candidate = parallelize(copy.deepcopy(model), mesh, plan, **options)

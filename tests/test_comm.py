@@ -1,0 +1,59 @@
+"""The communication report: exact counts and bytes, by hand, and flags above each plan's minimum."""
+
+import pytest
+
+from dtensor_gpt.comm import comm_report, main
+from helpers import small_config
+
+B, T = 2, 16
+ACT = B * T * 96 * 4  # one (B, T, C) fp32 activation
+
+
+def test_megatron_forward_is_at_its_minimum():
+    r = comm_report("megatron", tp=4, config=small_config(n_layer=3), batch=B, seq=T)
+    assert r["counts"] == {"all_reduce": 7, "all_gather": 1}  # 2 x 3 blocks + wte; the logits
+    assert r["above_minimum"] == {}
+    ring = 2 * 3 / 4 * ACT * 7 + 3 / 4 * (B * 96 * 4)  # all-reduces, then the last-position logits
+    assert r["wire_bytes_per_token"] == pytest.approx(ring / (B * T))
+    assert r["block_wire_bytes_per_token"] == pytest.approx(2 * 2 * 3 / 4 * ACT / (B * T))
+    assert {(c["module"], c["kind"], c["count"]) for c in r["collectives"]} >= {
+        ("transformer.h.2.attn.c_proj", "all_reduce", 1), ("lm_head", "all_gather", 1)}
+
+
+def test_sequence_parallel_moves_the_same_bytes_per_block():
+    megatron = comm_report("megatron", tp=2, config=small_config(), batch=B, seq=T)
+    sequence = comm_report("megatron-sp", tp=2, config=small_config(), batch=B, seq=T)
+    assert sequence["counts"]["reduce_scatter"] == 2 * 2 + 1
+    assert sequence["block_wire_bytes_per_token"] == pytest.approx(megatron["block_wire_bytes_per_token"])
+    # generation indexes the last position of sequence shards: the model gathers all T of them
+    assert sequence["above_minimum"] == {"model": [("forward", "all_gather", ACT)]}
+
+
+def test_spd_halves_forward_syncs_and_flags_its_backward_extras():
+    r = comm_report("spd", tp=2, config=small_config(n_layer=4), batch=B, seq=T, spd_blocks="last:2", backward=True)
+    assert r["spd_blocks"] == [2, 3] and r["counts"]["all_reduce"] == 2 * 2 + 1 * 2 + 1 + 3
+    # in backward the ln_2 weight, ln_2 bias and attn.c_proj bias gradients go in 3 all-reduces where 1 would do
+    assert r["above_minimum"] == {
+        "block 2": [("backward", "all_reduce", 384)] * 2,
+        "block 3": [("backward", "all_reduce", 384)] * 2,
+        "model": [("forward", "all_reduce", B * T * 4)],  # loss_parallel's third all-reduce
+    }
+
+
+def test_cli_report_and_errors(capsys, tmp_path):
+    assert main(["--plan", "megatron", "--tp", "2", "--seq", "8", "--n-layer", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.mlp.c_proj" in out and "every collective is at the plan's minimum" in out
+    assert main(["--plan", "nope"]) == 2
+    assert "error: unknown plan 'nope'; known plans: megatron, megatron-sp, spd" in capsys.readouterr().err
+    assert main(["--tp", "5"]) == 2
+    assert "n_head=12 is not divisible by tp=5" in capsys.readouterr().err
+    assert main(["--plan", "spd", "--spd-blocks", "0,5"]) == 2
+    assert "spd_blocks [5] out of range for n_layer=2" in capsys.readouterr().err
+
+
+def test_cli_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plans.png"
+    assert main(["--tp", "2", "--seq", "8", "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
