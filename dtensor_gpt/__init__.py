@@ -1,6 +1,7 @@
 """Tensor-parallel nanoGPT on DTensor: an unchanged model, declarative plans."""
 
+from dtensor_gpt.checkpoint import load_checkpoint, save_checkpoint
 from dtensor_gpt.model import GPT, GPTConfig
 from dtensor_gpt.parallelize import parallelize
 
-__all__ = ["GPT", "GPTConfig", "parallelize"]
+__all__ = ["GPT", "GPTConfig", "parallelize", "save_checkpoint", "load_checkpoint"]

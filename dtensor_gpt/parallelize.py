@@ -5,6 +5,7 @@ Everything is validated before any parameter moves, so a bad call leaves the mod
 """
 
 import math
+import weakref
 from collections.abc import Mapping
 from fnmatch import fnmatch
 
@@ -22,6 +23,14 @@ from torch.distributed.tensor.parallel import (
 from dtensor_gpt import sharding_rules
 from dtensor_gpt.styles import PackedColwiseParallel
 from plans import get_plan
+
+
+_plans = weakref.WeakKeyDictionary()
+
+
+def plan_name(model):
+    """The name of the plan `model` was parallelized with ("custom" for a mapping), or None."""
+    return _plans.get(model)
 
 
 def tp_submesh(mesh):
@@ -156,4 +165,5 @@ def parallelize(model, mesh, plan="megatron", **options):
     sharding_rules.register()
     parallelize_module(model, tp_mesh, styles)
     retie(model, tied)
+    _plans[model] = plan if isinstance(plan, str) else "custom"
     return model

@@ -1,0 +1,324 @@
+"""
+Checkpoints: a directory of one safetensors file per TP rank, and `index.json` written last.
+
+    model-rank00000-of-00002.safetensors   rank 0's shards, and every replicated tensor
+    model-rank00001-of-00002.safetensors   rank 1's shards
+    index.json                             format, id, config, TP degree, plan, and per tensor:
+                                           global shape, dtype, split, files; per file: sha256
+
+Every rank writes its own file (no gather to rank 0) into a temporary directory beside the
+destination; once all are fsynced, rank 0 writes the index and renames the directory into
+place, so an interrupted save leaves no checkpoint. Loading validates everything before
+using anything, and each rank reads only the byte ranges of its own shards
+(`safe_open(...).get_slice`), whatever the TP degree the checkpoint was written at.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from torch.distributed.tensor import DTensor
+
+from dtensor_gpt import layout
+from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
+
+FORMAT = "dtensor_gpt/1"
+INDEX = "index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the file and tensor."""
+
+
+def rank_file(rank, parts):
+    return f"model-rank{rank:05d}-of-{parts:05d}.safetensors"
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_beside(path, tag):
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    return os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{tag}")
+
+
+def publish(tmp, path, overwrite):
+    """Rename the finished directory `tmp` to `path` (replacing it only with `overwrite`)."""
+    if os.path.exists(path):
+        if not overwrite:
+            raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        old = tmp + ".old"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)) or ".")
+
+
+def write_index(directory, index):
+    with open(os.path.join(directory, INDEX), "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+class Checkpoint:
+    """
+    A checkpoint directory of this format, validated on opening: index, files, ids, ranks,
+    shapes and dtypes; with `verify`, every file's sha256. `read` counts the bytes it reads.
+    """
+
+    def __init__(self, path, verify=False):
+        self.path = path
+        index_path = os.path.join(path, INDEX)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} is not a directory")
+        if not os.path.exists(index_path):
+            raise CheckpointError(f"{index_path} is missing: not a complete checkpoint (a save that did not finish leaves none)")
+        try:
+            with open(index_path) as f:
+                self.index = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index_path} is not valid JSON: {e}") from None
+        if self.index.get("format") != FORMAT:
+            raise CheckpointError(f"{index_path}: format {self.index.get('format')!r} is not {FORMAT!r}")
+        self.parts = self.index["tp"]
+        self.tensors = self.index["tensors"]
+        self.bytes_read = 0
+        self._files = {}
+        for rank in range(self.parts):
+            self._open(rank, verify)
+        for name, entry in self.tensors.items():
+            for fname in entry["files"]:
+                self._check_tensor(fname, name, entry)
+        for fname, f in self._files.items():
+            unexpected = sorted(set(f.keys()) - {n for n, e in self.tensors.items() if fname in e["files"]})
+            if unexpected:
+                raise CheckpointError(f"{os.path.join(path, fname)} holds {unexpected}, which {INDEX} does not list there")
+
+    def _open(self, rank, verify):
+        fname = rank_file(rank, self.parts)
+        full = os.path.join(self.path, fname)
+        if not os.path.exists(full):
+            raise CheckpointError(f"{full} is missing: the checkpoint has tp={self.parts} and needs one file per rank")
+        if verify:
+            want = self.index["files"][fname]["sha256"]
+            if sha256(full) != want:
+                raise CheckpointError(f"{full}: sha256 differs from {INDEX} (corrupted or replaced)")
+        try:
+            handle = safe_open(full, "pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{full} is truncated or corrupted: {e}") from None
+        meta = handle.metadata() or {}
+        if meta.get("id") != self.index["id"]:
+            raise CheckpointError(
+                f"{full} belongs to checkpoint {meta.get('id')!r}, not {self.index['id']!r} of {INDEX}: files from different checkpoints"
+            )
+        if meta.get("rank") != str(rank) or meta.get("tp") != str(self.parts):
+            raise CheckpointError(f"{full} says rank {meta.get('rank')} of tp={meta.get('tp')}, but its name and {INDEX} say rank {rank} of {self.parts}")
+        self._files[fname] = handle
+
+    def _check_tensor(self, fname, name, entry):
+        handle = self._files.get(fname)
+        if handle is None or name not in handle.keys():
+            raise CheckpointError(f"{os.path.join(self.path, fname)} lacks tensor {name} that {INDEX} places there")
+        piece = handle.get_slice(name)
+        want = layout.local_shape(entry["shape"], entry["split"], self.parts if len(entry["files"]) > 1 else 1)
+        if list(piece.get_shape()) != want or piece.get_dtype() != entry["dtype"]:
+            raise CheckpointError(
+                f"{os.path.join(self.path, fname)}: tensor {name} is {piece.get_dtype()} {piece.get_shape()}, "
+                f"but {INDEX} says {entry['dtype']} {want}"
+            )
+
+    @property
+    def config(self):
+        return self.index["config"]
+
+    def _slice(self, fname, name, dim, start, stop):
+        index = (slice(None),) * dim + (slice(start, stop),)
+        t = self._files[fname].get_slice(name)[index]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def read(self, name, dim, start, stop):
+        """The global range [start, stop) of tensor `name` along `dim`."""
+        entry = self.tensors[name]
+        split, files = entry["split"], entry["files"]
+        if len(files) == 1:
+            return self._slice(files[0], name, dim, start, stop)
+        if split["dim"] == dim:
+            size = entry["shape"][dim]
+            return torch.cat([self._slice(files[r], name, dim, a, b) for r, a, b in layout.locate(size, split, self.parts, start, stop)], dim)
+        whole = self.read(name, split["dim"], 0, entry["shape"][split["dim"]])
+        return whole.narrow(dim, start, stop - start)
+
+
+def read_ranges(ckpt, name, dim, ranges, available):
+    """
+    The global `ranges` of tensor `name` along `dim`, concatenated; positions at or past
+    `available` (vocabulary padding the checkpoint does not have) are zeros.
+    """
+    entry, pieces = ckpt.tensors[name], []
+    for a, b in ranges:
+        if a < min(b, available):
+            pieces.append(ckpt.read(name, dim, a, min(b, available)))
+        if b > available:
+            shape = list(entry["shape"])
+            shape[dim] = b - max(a, available)
+            pieces.append(torch.zeros(shape, dtype=TORCH_DTYPES[entry["dtype"]]))
+    return torch.cat(pieces, dim)
+
+
+def _tp_rank(model):
+    """(rank, TP degree) from the model's DTensor parameters; (0, 1) for a plain model."""
+    meshes = {p.device_mesh for p in model.parameters() if isinstance(p, DTensor)}
+    if not meshes:
+        return 0, 1
+    if len(meshes) > 1:
+        raise ValueError("the model's parameters live on different meshes; save_checkpoint needs one TP mesh")
+    mesh = meshes.pop()
+    if mesh.ndim != 1 or (dist.is_initialized() and dist.get_world_size() != mesh.size()):
+        raise ValueError(
+            f"save_checkpoint writes tensor-parallel jobs (the TP mesh is the whole world); this mesh is "
+            f"{mesh.ndim}-D of size {mesh.size()} in a world of {dist.get_world_size()}"
+        )
+    return mesh.get_local_rank(), mesh.size()
+
+
+def unique_parameters(model):
+    """Parameters by name, a tied parameter once (under its first name), and the aliases."""
+    from dtensor_gpt.parallelize import tied_parameters
+
+    params = dict(model.named_parameters())
+    tied = {}
+    for group in tied_parameters(model):
+        names = [f"{m}.{p}" if m else p for m, p in group]
+        keep = next(n for n in params if n in names)
+        tied.update({n: keep for n in names if n != keep})
+    return params, tied
+
+
+def save_checkpoint(model, path, overwrite=False, plan=None):
+    """
+    Save `model` (parallelized or not) to the directory `path`; every TP rank calls this.
+
+    Each rank writes only its own shards, in parallel; `index.json` comes last, after every
+    file is fsynced, and the directory appears at `path` only when complete.
+    """
+    rank, parts = _tp_rank(model)
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
+    params, tied = unique_parameters(model)
+    distributed = parts > 1
+    ident = [uuid.uuid4().hex]
+    if distributed:
+        dist.broadcast_object_list(ident, src=0)
+    ident = ident[0]
+    tmp = temporary_beside(path, ident[:12])
+    if rank == 0:
+        os.makedirs(tmp)
+    if distributed:
+        dist.barrier()
+
+    tensors, mine = {}, []
+    for name, p in sorted(params.items()):
+        split = layout.split_of(p) if parts > 1 else layout.canonical_split(name)
+        sharded = parts > 1 and split is not None
+        local = p.to_local() if isinstance(p, DTensor) else p.detach()
+        files = [rank_file(r, parts) for r in range(parts)] if sharded else [rank_file(0, parts)]
+        tensors[name] = dict(shape=list(p.shape), dtype=DTYPES[p.dtype], split=split, files=files)
+        if sharded or rank == 0:
+            mine.append((name, local))
+    fname = rank_file(rank, parts)
+    meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts)
+    with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as writer:
+        for n, t in mine:
+            writer.write(n, t)
+    digest = {fname: dict(sha256=sha256(os.path.join(tmp, fname)), bytes=os.path.getsize(os.path.join(tmp, fname)))}
+    digests = [None] * parts
+    if distributed:
+        dist.all_gather_object(digests, digest)
+    else:
+        digests = [digest]
+    if rank == 0:
+        config = asdict(model.config)
+        index = dict(
+            format=FORMAT, id=ident, config=config, tp=parts, plan=plan or _plan_of(model),
+            vocab_size_unpadded=getattr(model.config, "vocab_size_unpadded", config["vocab_size"]),
+            tensors=tensors, tied=tied, files={k: v for d in digests for k, v in d.items()},
+        )
+        write_index(tmp, index)
+        publish(tmp, path, overwrite)
+    if distributed:
+        dist.barrier()
+
+
+def _plan_of(model):
+    from dtensor_gpt.parallelize import plan_name
+
+    return plan_name(model)
+
+
+def load_checkpoint(model, path, verify=False):
+    """
+    Load a checkpoint of any TP degree into `model`, parallelized at any TP degree or not.
+
+    Everything is checked before a parameter changes. Returns {"bytes_read": n}: the bytes
+    this rank read, about 1/TP of the sharded tensors plus the replicated ones.
+    """
+    ckpt = Checkpoint(path, verify)
+    params, tied = unique_parameters(model)
+    for field in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
+        have, want = getattr(model.config, field), ckpt.config[field]
+        if have != want:
+            raise CheckpointError(f"{path} is a model with {field}={want}, but this model has {field}={have}")
+    missing = sorted(set(params) - set(ckpt.tensors))
+    unexpected = sorted(set(ckpt.tensors) - set(params) - set(tied))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint {missing}, unexpected in it {unexpected}")
+    rows = {}
+    for name, p in params.items():
+        entry = ckpt.tensors[name]
+        if TORCH_DTYPES[entry["dtype"]] != p.dtype:
+            raise CheckpointError(
+                f"{path}: tensor {name} is {entry['dtype']} in the checkpoint but {p.dtype} in the model; "
+                f"convert it with python -m dtensor_gpt.reshard --dtype, or cast the model"
+            )
+        shape, want = list(p.shape), list(entry["shape"])
+        if name == "transformer.wte.weight" and shape[1:] == want[1:] and shape[0] >= ckpt.index["vocab_size_unpadded"]:
+            rows[name] = min(shape[0], want[0])  # vocabulary padding may differ; real rows must fit
+        elif shape != want:
+            raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")
+    with torch.no_grad():
+        for name, p in params.items():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            split = layout.split_of(p)
+            if split is None:
+                dim, ranges = 0, [(0, p.shape[0])]
+            else:
+                rank, parts = p.device_mesh.get_local_rank(), p.device_mesh.size()
+                dim, ranges = split["dim"], layout.intervals(p.shape[split["dim"]], split, parts, rank)
+            available = rows.get(name, p.shape[0]) if dim == 0 else p.shape[dim]
+            local.copy_(read_ranges(ckpt, name, dim, ranges, available))
+    return dict(bytes_read=ckpt.bytes_read)

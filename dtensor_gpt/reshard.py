@@ -1,0 +1,313 @@
+"""
+Offline checkpoint converter: any TP degree to any other, and GPT-2 / nanoGPT in and out.
+
+    python -m dtensor_gpt.reshard SRC DST --tp M [--dtype fp32|bf16|fp16] [--to native|hf]
+                                  [--overwrite] [--verify]
+
+SRC is a checkpoint of this project (any TP degree), a Hugging Face GPT-2 directory
+(config.json + model.safetensors) or a nanoGPT ckpt.pt. DST is written tensor by tensor
+through memory maps (peak memory about one tensor), into a temporary directory beside it
+that is renamed into place only when complete. No process group or torchrun is needed.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dtensor_gpt import layout
+from dtensor_gpt.checkpoint import (
+    FORMAT,
+    Checkpoint,
+    CheckpointError,
+    publish,
+    rank_file,
+    read_ranges,
+    sha256,
+    temporary_beside,
+    write_index,
+)
+from dtensor_gpt.model import GPTConfig
+from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
+
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_FIELDS = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size")
+
+
+def padded_vocab(vocab, tp):
+    """The vocabulary rounded up to a multiple of lcm(64, tp): nanoGPT's 50304 for GPT-2 at TP 1-4."""
+    step = math.lcm(64, tp)
+    return -(-vocab // step) * step
+
+
+class _Source:
+    """What the writers read: config, unpadded vocabulary, tensors (global entries), read()."""
+
+    id = None
+    plan = None
+    tied = {"lm_head.weight": "transformer.wte.weight"}
+
+    def _entries(self, shapes, dtype):
+        return {n: dict(shape=list(s), dtype=dtype, split=layout.canonical_split(n)) for n, s in shapes.items()}
+
+
+class HFSource(_Source):
+    """A Hugging Face GPT-2 directory; Conv1D weights are read transposed, slice by slice."""
+
+    def __init__(self, path):
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        try:
+            self.file = safe_open(os.path.join(path, "model.safetensors"), "pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{os.path.join(path, 'model.safetensors')} cannot be read: {e}") from None
+        self.config = {ours: hf[theirs] for ours, theirs in GPT2_FIELDS.items()}
+        self.config.update(dropout=0.0, bias=True)
+        self.vocab_unpadded = hf["vocab_size"]
+        self.activation = hf.get("activation_function", "gelu_new")
+        keys = set(self.file.keys())
+        self.prefix = "transformer." if "transformer.wte.weight" in keys else ""
+        shapes, dtype = {}, None
+        for name in _gpt_names(self.config["n_layer"]):
+            key = self.hf_key(name)
+            if key not in keys:
+                raise CheckpointError(f"{path}/model.safetensors lacks {key}; is this a GPT-2 checkpoint?")
+            piece = self.file.get_slice(key)
+            shape = list(piece.get_shape())
+            shapes[name] = shape[::-1] if name.endswith(CONV1D) else shape
+            dtype = piece.get_dtype()
+        self.tensors = self._entries(shapes, dtype)
+
+    def hf_key(self, name):
+        return self.prefix + name[len("transformer."):]
+
+    def read(self, name, dim, start, stop):
+        piece = self.file.get_slice(self.hf_key(name))
+        if name.endswith(CONV1D):
+            index = (slice(None),) * (1 - dim) + (slice(start, stop),)
+            return piece[index].t().contiguous()
+        return piece[(slice(None),) * dim + (slice(start, stop),)]
+
+
+class NanoGPTSource(_Source):
+    """A nanoGPT ckpt.pt, memory-mapped and loaded with weights_only=True (no code runs)."""
+
+    def __init__(self, path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a loadable nanoGPT checkpoint: {e}") from None
+        if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+            raise CheckpointError(f"{path} has no 'model_args' and 'model': not a nanoGPT ckpt.pt")
+        args = ckpt["model_args"]
+        self.config = {f: args[f] for f in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
+        self.config["dropout"] = 0.0
+        self.vocab_unpadded = args["vocab_size"]
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        names = _gpt_names(self.config["n_layer"], self.config["bias"])
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise CheckpointError(f"{path}: the model state lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        self.state = state
+        self.tensors = self._entries({n: state[n].shape for n in names}, DTYPES[state[names[0]].dtype])
+
+    def read(self, name, dim, start, stop):
+        return self.state[name].narrow(dim, start, stop - start)
+
+
+def _gpt_names(n_layer, bias=True):
+    """Every stored tensor of the GPT, lm_head left out (tied to wte)."""
+    names = ["transformer.wte.weight", "transformer.wpe.weight"]
+    per_block = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+    if bias:
+        per_block += ["ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"]
+    for i in range(n_layer):
+        names += [f"transformer.h.{i}.{p}" for p in per_block]
+    names += ["transformer.ln_f.weight"] + (["transformer.ln_f.bias"] if bias else [])
+    return names
+
+
+class NativeSource(_Source):
+    def __init__(self, path, verify):
+        self.ckpt = Checkpoint(path, verify)
+        index = self.ckpt.index
+        self.config, self.id, self.plan, self.tied = index["config"], index["id"], index["plan"], index["tied"]
+        self.vocab_unpadded = index["vocab_size_unpadded"]
+        self.tensors = self.ckpt.tensors
+
+    def read(self, name, dim, start, stop):
+        return self.ckpt.read(name, dim, start, stop)
+
+
+def open_source(path, verify=False):
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "index.json")):
+        return NativeSource(path, verify)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        return HFSource(path)
+    if os.path.isfile(path):
+        return NanoGPTSource(path)
+    raise CheckpointError(
+        f"{path} is neither a checkpoint of this project (index.json), a Hugging Face GPT-2 directory "
+        f"(config.json + model.safetensors) nor a nanoGPT ckpt.pt"
+    )
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total, label):
+        self.total, self.done, self.label, self.on = total, 0, label, sys.stderr.isatty()
+
+    def step(self, n=1):
+        self.done += n
+        if self.on:
+            filled = int(30 * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _check_degree(source, tp):
+    c = source.config
+    for field in ("n_head", "n_embd"):
+        if c[field] % tp:
+            common = math.gcd(c["n_head"], c["n_embd"])
+            valid = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+            raise CheckpointError(f"{field}={c[field]} is not divisible by tp={tp}; use tp in {{{valid}}}")
+
+
+def write_native(source, dst, tp, dtype=None, progress_label="reshard"):
+    """Write `source` as a checkpoint of this format at degree `tp`, rank file by rank file."""
+    _check_degree(source, tp)
+    vocab = source.config["vocab_size"]
+    if vocab % tp:
+        vocab = padded_vocab(source.vocab_unpadded, tp)
+    ident = source.id or uuid.uuid4().hex
+    tmp = temporary_beside(dst, ident[:12])
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    tensors = {}
+    for name, entry in sorted(source.tensors.items()):
+        shape = list(entry["shape"])
+        if name == "transformer.wte.weight":
+            shape[0] = vocab
+        split = entry["split"]
+        if tp > 1 and not layout.divides(shape[split["dim"]] if split else 0, split, tp):
+            raise CheckpointError(f"tensor {name} of shape {shape} cannot be split {split} over tp={tp}")
+        files = [rank_file(r, tp) for r in range(tp)] if tp > 1 and split else [rank_file(0, tp)]
+        tensors[name] = dict(shape=shape, dtype=DTYPES[dtype] if dtype else entry["dtype"], split=split, files=files)
+    progress = Progress(sum(len(e["files"]) for e in tensors.values()), progress_label)
+    digests = {}
+    for rank in range(tp):
+        fname = rank_file(rank, tp)
+        mine = [n for n, e in tensors.items() if fname in e["files"]]
+        parts = {n: (tp if len(tensors[n]["files"]) > 1 else 1) for n in mine}
+        entries = [(n, TORCH_DTYPES[tensors[n]["dtype"]], layout.local_shape(tensors[n]["shape"], tensors[n]["split"], parts[n]))
+                   for n in mine]
+        path = os.path.join(tmp, fname)
+        with StreamingWriter(path, entries, dict(format=FORMAT, id=ident, rank=rank, tp=tp)) as writer:
+            for n in mine:
+                split, shape = tensors[n]["split"], tensors[n]["shape"]
+                if parts[n] > 1:
+                    dim, ranges = split["dim"], layout.intervals(shape[split["dim"]], split, tp, rank)
+                else:
+                    dim, ranges = 0, [(0, shape[0])]
+                available = source.tensors[n]["shape"][0] if dim == 0 else shape[dim]
+                t = read_ranges(source, n, dim, ranges, available)
+                writer.write(n, t.to(TORCH_DTYPES[tensors[n]["dtype"]]))
+                progress.step()
+        digests[fname] = dict(sha256=sha256(path), bytes=os.path.getsize(path))
+    config = dict(source.config, vocab_size=vocab)
+    config = {f: config[f] for f in GPTConfig.__dataclass_fields__}
+    index = dict(format=FORMAT, id=ident, config=config, tp=tp, plan=source.plan,
+                 vocab_size_unpadded=source.vocab_unpadded, tensors=tensors, tied=source.tied, files=digests)
+    write_index(tmp, index)
+    return tmp
+
+
+def write_hf(source, dst, dtype=None, progress_label="export"):
+    """Write `source` as a Hugging Face GPT-2 directory (unpadded vocabulary, lm_head tied)."""
+    c = source.config
+    if not c.get("bias", True):
+        raise CheckpointError("GPT-2 has biases everywhere; a model with bias=False cannot be exported to it")
+    tmp = temporary_beside(dst, uuid.uuid4().hex[:12])
+    os.makedirs(tmp)
+    names = _gpt_names(c["n_layer"])
+    shapes = {}
+    for n in names:
+        shape = list(source.tensors[n]["shape"])
+        if n == "transformer.wte.weight":
+            shape[0] = source.vocab_unpadded
+        shapes[n] = shape[::-1] if n.endswith(CONV1D) else shape
+    dtypes = {n: dtype or TORCH_DTYPES[source.tensors[n]["dtype"]] for n in names}
+    progress = Progress(len(names), progress_label)
+    path = os.path.join(tmp, "model.safetensors")
+    with StreamingWriter(path, [(n, dtypes[n], shapes[n]) for n in names], {"format": "pt"}) as writer:
+        for n in names:
+            t = source.read(n, 0, 0, source.vocab_unpadded if n == "transformer.wte.weight" else source.tensors[n]["shape"][0])
+            writer.write(n, (t.t() if n.endswith(CONV1D) else t).to(dtypes[n]))
+            progress.step()
+    hf_config = dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=c["n_layer"], n_head=c["n_head"],
+        n_embd=c["n_embd"], n_positions=c["block_size"], n_ctx=c["block_size"], vocab_size=source.vocab_unpadded,
+        layer_norm_epsilon=1e-5, activation_function="gelu",  # nanoGPT's nn.GELU() is the exact GELU
+        tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=False):
+    """The converter as a function; returns the source (for reporting)."""
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise CheckpointError("SRC and DST are the same path; write to a new directory")
+    if os.path.exists(dst) and not overwrite:
+        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    if not isinstance(tp, int) or tp < 1:
+        raise CheckpointError(f"--tp {tp} must be a positive integer")
+    source = open_source(src, verify)
+    if getattr(source, "activation", "gelu") != "gelu":
+        print(f"note: {src} uses {source.activation} (tanh-approximated GELU); this GPT uses the exact GELU, "
+              f"as nanoGPT does, so its logits differ slightly from the original's", file=sys.stderr)
+    tmp = write_hf(source, dst, dtype) if to == "hf" else write_native(source, dst, tp, dtype)
+    try:
+        publish(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return source
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dtensor_gpt.reshard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--tp", type=int, default=1, help="TP degree of the output (native format)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast every tensor (default: keep)")
+    parser.add_argument("--to", choices=["native", "hf"], default="native")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--verify", action="store_true", help="check each source file's sha256 against its index")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.src, args.dst, args.tp, DTYPE_NAMES.get(args.dtype), args.to, args.overwrite, args.verify)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
