@@ -1,0 +1,254 @@
+"""Checkpoints: any TP degree in, any out, byte-identical round trips, 1/TP reads, clear failures."""
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+from distributed import run_distributed
+from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
+from dtensor_gpt import layout
+from dtensor_gpt.checkpoint import CheckpointError
+from dtensor_gpt.reshard import main as reshard
+from helpers import fake_process_group, small_config
+
+TOL = 1e-5
+
+
+def _save(rank, world_size, path, plan):
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    if world_size > 1:
+        parallelize(model, init_device_mesh("cpu", (world_size,)), plan)
+    save_checkpoint(model, path)
+    return sorted(os.listdir(path))
+
+
+def _load_and_compare(rank, world_size, path, plan):
+    torch.manual_seed(0)
+    reference = GPT(small_config())
+    torch.manual_seed(1)  # different weights until the checkpoint is loaded
+    model = parallelize(GPT(small_config()), init_device_mesh("cpu", (world_size,)), plan)
+    stats = load_checkpoint(model, path)
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (model(idx)[0] - reference(idx)[0]).abs().max().item()
+    return diff, stats["bytes_read"], model.lm_head.weight is model.transformer.wte.weight
+
+
+def expected_bytes_read(config, tp):
+    """Each rank reads its 1/TP of the sharded tensors and all of the replicated ones, once."""
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    sharded = V * C + L * (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C)
+    replicated = config.block_size * C + L * 6 * C + 2 * C
+    return 4 * (sharded // tp + replicated)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Checkpoints of one model saved at TP 1, 2, 3 and 4 (megatron, megatron, megatron-sp, spd)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    plans = {1: "megatron", 2: "megatron", 3: "megatron-sp", 4: "spd"}
+    for n, plan in plans.items():
+        files = run_distributed(_save, n, str(root / f"tp{n}"), plan)
+        assert files == ["index.json"] + [f"model-rank{r:05d}-of-{n:05d}.safetensors" for r in range(n)]
+    return root
+
+
+def test_layout_table_matches_every_plan():
+    with fake_process_group(2):
+        for plan in ("megatron", "megatron-sp", "spd"):
+            model = parallelize(GPT(small_config()), init_device_mesh("cpu", (2,)), plan)
+            for name, p in model.named_parameters():
+                assert layout.split_of(p) == layout.canonical_split(name), (plan, name)
+
+
+@pytest.mark.parametrize("n, m", [(1, 2), (2, 3), (3, 4), (4, 1), (2, 2)])
+def test_load_any_degree_into_any_degree(saved, n, m):
+    diff, bytes_read, tied = run_distributed(_load_and_compare, m, str(saved / f"tp{n}"), "megatron")
+    assert diff < TOL and tied
+    assert bytes_read == expected_bytes_read(small_config(), m)
+
+
+def test_round_trip_is_byte_identical(saved, tmp_path):
+    for n in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4):
+            there, back = tmp_path / f"{n}-{m}", tmp_path / f"{n}-{m}-{n}"
+            assert reshard([str(saved / f"tp{n}"), str(there), "--tp", str(m)]) == 0
+            assert reshard([str(there), str(back), "--tp", str(n), "--verify"]) == 0
+            files = sorted(os.listdir(saved / f"tp{n}"))
+            assert sorted(os.listdir(back)) == files
+            _, mismatch, errors = filecmp.cmpfiles(saved / f"tp{n}", back, files, shallow=False)
+            assert not mismatch and not errors, (n, m, mismatch)
+
+
+def test_huggingface_gpt2_import_and_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=101,
+                                     activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert reshard([str(tmp_path / "hf"), str(tmp_path / "tp2"), "--tp", "2"]) == 0
+    index = json.loads((tmp_path / "tp2" / "index.json").read_text())
+    assert index["config"]["vocab_size"] == 128 and index["vocab_size_unpadded"] == 101  # padded to 64s
+    idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+    ours = GPT(GPTConfig(**index["config"]))
+    load_checkpoint(ours, str(tmp_path / "tp2"))
+    with torch.no_grad():
+        assert (ours(idx, idx)[0][..., :101] - expected).abs().max().item() < TOL
+        assert ours.transformer.wte.weight[101:].abs().max().item() == 0.0
+    r = run_distributed(_hf_at_tp2, 2, str(tmp_path / "tp2"), index["config"], idx)
+    assert (r[..., :101] - expected[:, -1:]).abs().max().item() < TOL
+    assert reshard([str(tmp_path / "tp2"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert back.config.vocab_size == 101
+        assert (back(idx).logits - expected).abs().max().item() < TOL
+
+
+def _hf_at_tp2(rank, world_size, path, config, idx):
+    model = parallelize(GPT(GPTConfig(**config)), init_device_mesh("cpu", (world_size,)))
+    load_checkpoint(model, path)
+    with torch.no_grad():
+        return model(idx)[0].clone()
+
+
+def test_nanogpt_import(tmp_path):
+    torch.manual_seed(0)
+    config = small_config(bias=False)
+    model = GPT(config)
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    torch.save({"model_args": dict(n_layer=2, n_head=12, n_embd=96, block_size=32, bias=False, vocab_size=96, dropout=0.0),
+                "model": state, "iter_num": 5000, "best_val_loss": torch.tensor(1.47)}, tmp_path / "ckpt.pt")
+    assert reshard([str(tmp_path / "ckpt.pt"), str(tmp_path / "out"), "--tp", "3"]) == 0
+    loaded = GPT(config)
+    load_checkpoint(loaded, str(tmp_path / "out"))
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_nanogpt_loading_runs_no_code(tmp_path, capsys):
+    torch.save({"model_args": {}, "model": {}, "x": Payload()}, tmp_path / "evil.pt")
+    assert reshard([str(tmp_path / "evil.pt"), str(tmp_path / "out")]) == 1
+    assert "is not a loadable nanoGPT checkpoint" in capsys.readouterr().err
+    assert not os.path.exists("PWNED") and not (tmp_path / "out").exists()
+
+
+def _spoil(path, how):
+    rank1 = path / "model-rank00001-of-00002.safetensors"
+    if how == "missing":
+        rank1.unlink()
+    elif how == "truncated":
+        rank1.write_bytes(rank1.read_bytes()[:-100])
+    elif how == "flipped":
+        data = bytearray(rank1.read_bytes())
+        data[-5] ^= 0xFF
+        rank1.write_bytes(bytes(data))
+    elif how == "index-shape":
+        index = json.loads((path / "index.json").read_text())
+        index["tensors"]["transformer.h.0.mlp.c_fc.weight"]["shape"] = [388, 96]
+        (path / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how, message, verify", [
+    ("missing", r"model-rank00001-of-00002.safetensors is missing: the checkpoint has tp=2", False),
+    ("truncated", r"model-rank00001-of-00002.safetensors is truncated or corrupted", False),
+    ("flipped", r"model-rank00001-of-00002.safetensors: sha256 differs from index.json", True),
+    ("index-shape", r"tensor transformer.h.0.mlp.c_fc.weight is F32 \[192, 96\], but index.json says F32 \[194, 96\]", False),
+])
+def test_damaged_checkpoints_are_refused(saved, tmp_path, capsys, how, message, verify):
+    shutil.copytree(saved / "tp2", tmp_path / "ck")
+    _spoil(tmp_path / "ck", how)
+    assert reshard([str(tmp_path / "ck"), str(tmp_path / "out")] + (["--verify"] if verify else [])) == 1
+    assert "error: " in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(GPT(small_config()), str(tmp_path / "ck"), verify=verify)
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_from_another_checkpoint(saved, tmp_path):
+    shutil.copytree(saved / "tp2", tmp_path / "a")
+    assert reshard([str(saved / "tp1"), str(tmp_path / "b"), "--tp", "2"]) == 0
+    index = json.loads((tmp_path / "b" / "index.json").read_text())
+    index["id"] = "f" * 32  # same weights, another checkpoint
+    (tmp_path / "b" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"belongs to checkpoint '.*', not 'f{32}' of index.json"):
+        load_checkpoint(GPT(small_config()), str(tmp_path / "b"))
+
+
+def test_model_mismatches_are_refused(saved):
+    with pytest.raises(CheckpointError, match=r"a model with n_layer=2, but this model has n_layer=3"):
+        load_checkpoint(GPT(small_config(n_layer=3)), str(saved / "tp1"))
+    with pytest.raises(CheckpointError, match=r"a model with bias=False, but this model has bias=True"):
+        load_checkpoint(GPT(small_config(bias=True)), str(_no_bias(saved)))
+    with pytest.raises(CheckpointError, match=r"tensors missing from the checkpoint \['transformer.ln_f.bias'\]"):
+        load_checkpoint(GPT(small_config()), str(_without_ln_f_bias(saved)))
+    with pytest.raises(CheckpointError, match=r"is F32 in the checkpoint but torch.bfloat16 in the model"):
+        load_checkpoint(GPT(small_config()).to(torch.bfloat16), str(saved / "tp1"))
+
+
+def _no_bias(saved):
+    path = saved / "nobias"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_checkpoint(GPT(small_config(bias=False)), str(path))
+    return path
+
+
+def _without_ln_f_bias(saved):
+    path = saved / "no_ln_f_bias"
+    if not path.exists():
+        model = GPT(small_config())
+        model.transformer.ln_f.bias = None
+        save_checkpoint(model, str(path))
+    return path
+
+
+def test_cli_refusals(saved, tmp_path, capsys):
+    assert reshard([str(saved / "tp1"), str(saved / "tp2")]) == 1
+    assert "tp2 exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert reshard([str(saved / "tp1"), str(tmp_path / "x"), "--tp", "5"]) == 1
+    assert "n_head=12 is not divisible by tp=5; use tp in {1, 2, 3, 4, 6, 12}" in capsys.readouterr().err
+    assert reshard([str(tmp_path / "nothing"), str(tmp_path / "y")]) == 1
+    assert "is neither a checkpoint of this project" in capsys.readouterr().err
+    shutil.copytree(saved / "tp1", tmp_path / "z")
+    assert reshard([str(saved / "tp2"), str(tmp_path / "z"), "--tp", "2", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "z" / "index.json").read_text())["tp"] == 2
+
+
+def test_bf16_conversion(saved, tmp_path):
+    assert reshard([str(saved / "tp2"), str(tmp_path / "bf16"), "--tp", "1", "--dtype", "bf16"]) == 0
+    model = GPT(small_config()).to(torch.bfloat16)
+    load_checkpoint(model, str(tmp_path / "bf16"))
+    torch.manual_seed(0)
+    reference = GPT(small_config())
+    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, reference.transformer.h[1].mlp.c_fc.weight.to(torch.bfloat16))
+
+
+def test_killed_conversion_leaves_no_destination(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig(n_layer=24, n_head=8, n_embd=512, vocab_size=256, block_size=64)), str(tmp_path / "big"))
+    proc = subprocess.Popen([sys.executable, "-m", "dtensor_gpt.reshard", str(tmp_path / "big"), str(tmp_path / "out"), "--tp", "4"])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "out").exists(), "a killed conversion must not leave a destination"
+    assert reshard([str(tmp_path / "big"), str(tmp_path / "out"), "--tp", "4"]) == 0  # a rerun succeeds
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")], "the rerun clears the leftovers"
