@@ -77,9 +77,15 @@ def test_load_any_degree_into_any_degree(saved, n, m):
     assert bytes_read == expected_bytes_read(small_config(), m)
 
 
+def test_converted_checkpoint_loads_at_its_degree(saved, tmp_path):
+    assert reshard([str(saved / "tp2"), str(tmp_path / "tp3"), "--tp", "3"]) == 0
+    diff, bytes_read, _ = run_distributed(_load_and_compare, 3, str(tmp_path / "tp3"), "megatron-sp")
+    assert diff < TOL and bytes_read == expected_bytes_read(small_config(), 3)
+
+
 def test_round_trip_is_byte_identical(saved, tmp_path):
     for n in (1, 2, 3, 4):
-        for m in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4, 6):
             there, back = tmp_path / f"{n}-{m}", tmp_path / f"{n}-{m}-{n}"
             assert reshard([str(saved / f"tp{n}"), str(there), "--tp", str(m)]) == 0
             assert reshard([str(there), str(back), "--tp", str(n), "--verify"]) == 0
@@ -189,6 +195,14 @@ def test_files_from_another_checkpoint(saved, tmp_path):
     (tmp_path / "b" / "index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"belongs to checkpoint '.*', not 'f{32}' of index.json"):
         load_checkpoint(GPT(small_config()), str(tmp_path / "b"))
+
+
+def test_rank_file_of_another_degree(saved, tmp_path):
+    shutil.copytree(saved / "tp2", tmp_path / "ck")
+    assert reshard([str(saved / "tp2"), str(tmp_path / "tp4"), "--tp", "4"]) == 0
+    shutil.copy(tmp_path / "tp4" / "model-rank00001-of-00004.safetensors", tmp_path / "ck" / "model-rank00001-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match=r"model-rank00001-of-00002.safetensors says rank 1 of tp=4"):
+        load_checkpoint(GPT(small_config()), str(tmp_path / "ck"))
 
 
 def test_model_mismatches_are_refused(saved):
