@@ -282,12 +282,15 @@ def _plan_of(model):
 
 def load_checkpoint(model, path, verify=False):
     """
-    Load a checkpoint of any TP degree into `model`, parallelized at any TP degree or not.
+    Load a checkpoint of any TP degree (or a Hugging Face GPT-2 directory, or a nanoGPT
+    ckpt.pt) into `model`, parallelized at any TP degree or not.
 
     Everything is checked before a parameter changes. Returns {"bytes_read": n}: the bytes
     this rank read, about 1/TP of the sharded tensors plus the replicated ones.
     """
-    ckpt = Checkpoint(path, verify)
+    from dtensor_gpt.sources import open_source
+
+    ckpt = open_source(path, verify)
     params, tied = unique_parameters(model)
     for field in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
         have, want = getattr(model.config, field), ckpt.config[field]
@@ -306,7 +309,7 @@ def load_checkpoint(model, path, verify=False):
                 f"convert it with python -m dtensor_gpt.reshard --dtype, or cast the model"
             )
         shape, want = list(p.shape), list(entry["shape"])
-        if name == "transformer.wte.weight" and shape[1:] == want[1:] and shape[0] >= ckpt.index["vocab_size_unpadded"]:
+        if name == "transformer.wte.weight" and shape[1:] == want[1:] and shape[0] >= ckpt.vocab_unpadded:
             rows[name] = min(shape[0], want[0])  # vocabulary padding may differ; real rows must fit
         elif shape != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")

@@ -32,7 +32,7 @@ from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig
 from dtensor_gpt.parallelize import check_divisible, parallelize
 from plans import PLANS
-from plans.spd import parse_spd_blocks
+from plans.spd import parse_spd_blocks, spd_blocks_from_text
 
 _funcol = torch.ops._c10d_functional
 KINDS = {
@@ -278,9 +278,7 @@ def main(argv=None):
         overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
-        blocks = args.spd_blocks
-        if re.fullmatch(r"\d+(,\d+)*", blocks):
-            blocks = [int(i) for i in blocks.split(",")]
+        blocks = spd_blocks_from_text(args.spd_blocks)
         common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward)
         options = dict(spd_blocks=blocks) if args.plan == "spd" else {}
         print(format_report(comm_report(args.plan, **common, **options)))

@@ -40,7 +40,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
 
         # calculate query, key, values for all heads in batch and move head forward to be the batch dim
@@ -48,10 +48,13 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
 
         # causal self-attention; Self-attend: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
+        # a single new token attends to every cached key, so it needs no causal mask
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=True
+            q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=k.size(2) == T
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
 
@@ -86,10 +89,36 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache=cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class LayerCache:
+    """One block's keys and values so far (B, nh, T, hs): a prompt, then a token at a time."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            assert k.size(2) == 1, "after the prompt, the cache takes one token at a time"
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys and values of every block, so decoding does not recompute the prefix."""
+
+    def __init__(self, n_layer):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def __len__(self):
+        k = self.layers[0].k
+        return 0 if k is None else k.size(2)
 
 
 @dataclass
@@ -151,18 +180,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         device = idx.device
         b, t = idx.size()
-        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device)  # shape (t)
+        start = len(cache) if cache is not None else 0
+        assert start + t <= self.config.block_size, f"Cannot forward sequence of length {start + t}, block size is only {self.config.block_size}"
+        pos = torch.arange(start, start + t, dtype=torch.long, device=device)  # shape (t)
 
         # forward the GPT model itself
         tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
+        layers = cache.layers if cache is not None else [None] * len(self.transformer.h)
+        for block, layer in zip(self.transformer.h, layers):
+            x = block(x, cache=layer)
         x = self.transformer.ln_f(x)
 
         if targets is not None:
@@ -175,3 +206,43 @@ class GPT(nn.Module):
             loss = None
 
         return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, vocab_limit=None,
+                 generator=None, on_token=None):
+        """
+        Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
+        the sequence max_new_tokens times, feeding the predictions back into the model each time.
+        With use_cache, each step runs only the newest token through the model; once the
+        context fills block_size, each step recomputes the cropped window, exactly as without it.
+        vocab_limit excludes padding ids (those >= it) from sampling; generator makes the
+        sampling reproducible (every TP rank samples the same token from the same logits);
+        on_token is called with each new (b, 1) index tensor as it is produced.
+        """
+        cache = KVCache(len(self.transformer.h)) if use_cache else None
+        for _ in range(max_new_tokens):
+            if cache is not None and len(cache) == self.config.block_size:
+                cache = None  # a full window slides: positions shift, nothing cached still fits
+            if cache is not None and len(cache) > 0:
+                idx_cond = idx[:, -1:]
+            else:
+                # if the sequence context is growing too long we must crop it at block_size
+                idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond, cache=cache)
+            # pluck the logits at the final step and scale by desired temperature
+            logits = logits[:, -1, :] / temperature
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = -float('Inf')
+            # optionally crop the logits to only the top k options
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            # apply softmax to convert logits to (normalized) probabilities
+            probs = F.softmax(logits, dim=-1)
+            # sample from the distribution
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            if on_token is not None:
+                on_token(idx_next)
+            # append sampled index to the running sequence and continue
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

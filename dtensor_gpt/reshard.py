@@ -19,12 +19,10 @@ import sys
 import uuid
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from dtensor_gpt import layout
 from dtensor_gpt.checkpoint import (
     FORMAT,
-    Checkpoint,
     CheckpointError,
     publish,
     rank_file,
@@ -35,128 +33,15 @@ from dtensor_gpt.checkpoint import (
 )
 from dtensor_gpt.model import GPTConfig
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
+from dtensor_gpt.sources import CONV1D, gpt_names, open_source
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-GPT2_FIELDS = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size")
 
 
 def padded_vocab(vocab, tp):
     """The vocabulary rounded up to a multiple of lcm(64, tp): nanoGPT's 50304 for GPT-2 at TP 1-4."""
     step = math.lcm(64, tp)
     return -(-vocab // step) * step
-
-
-class _Source:
-    """What the writers read: config, unpadded vocabulary, tensors (global entries), read()."""
-
-    id = None
-    plan = None
-    tied = {"lm_head.weight": "transformer.wte.weight"}
-
-    def _entries(self, shapes, dtype):
-        return {n: dict(shape=list(s), dtype=dtype, split=layout.canonical_split(n)) for n, s in shapes.items()}
-
-
-class HFSource(_Source):
-    """A Hugging Face GPT-2 directory; Conv1D weights are read transposed, slice by slice."""
-
-    def __init__(self, path):
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        try:
-            self.file = safe_open(os.path.join(path, "model.safetensors"), "pt")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{os.path.join(path, 'model.safetensors')} cannot be read: {e}") from None
-        self.config = {ours: hf[theirs] for ours, theirs in GPT2_FIELDS.items()}
-        self.config.update(dropout=0.0, bias=True)
-        self.vocab_unpadded = hf["vocab_size"]
-        self.activation = hf.get("activation_function", "gelu_new")
-        keys = set(self.file.keys())
-        self.prefix = "transformer." if "transformer.wte.weight" in keys else ""
-        shapes, dtype = {}, None
-        for name in _gpt_names(self.config["n_layer"]):
-            key = self.hf_key(name)
-            if key not in keys:
-                raise CheckpointError(f"{path}/model.safetensors lacks {key}; is this a GPT-2 checkpoint?")
-            piece = self.file.get_slice(key)
-            shape = list(piece.get_shape())
-            shapes[name] = shape[::-1] if name.endswith(CONV1D) else shape
-            dtype = piece.get_dtype()
-        self.tensors = self._entries(shapes, dtype)
-
-    def hf_key(self, name):
-        return self.prefix + name[len("transformer."):]
-
-    def read(self, name, dim, start, stop):
-        piece = self.file.get_slice(self.hf_key(name))
-        if name.endswith(CONV1D):
-            index = (slice(None),) * (1 - dim) + (slice(start, stop),)
-            return piece[index].t().contiguous()
-        return piece[(slice(None),) * dim + (slice(start, stop),)]
-
-
-class NanoGPTSource(_Source):
-    """A nanoGPT ckpt.pt, memory-mapped and loaded with weights_only=True (no code runs)."""
-
-    def __init__(self, path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a loadable nanoGPT checkpoint: {e}") from None
-        if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-            raise CheckpointError(f"{path} has no 'model_args' and 'model': not a nanoGPT ckpt.pt")
-        args = ckpt["model_args"]
-        self.config = {f: args[f] for f in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
-        self.config["dropout"] = 0.0
-        self.vocab_unpadded = args["vocab_size"]
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-        names = _gpt_names(self.config["n_layer"], self.config["bias"])
-        missing = [n for n in names if n not in state]
-        if missing:
-            raise CheckpointError(f"{path}: the model state lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        self.state = state
-        self.tensors = self._entries({n: state[n].shape for n in names}, DTYPES[state[names[0]].dtype])
-
-    def read(self, name, dim, start, stop):
-        return self.state[name].narrow(dim, start, stop - start)
-
-
-def _gpt_names(n_layer, bias=True):
-    """Every stored tensor of the GPT, lm_head left out (tied to wte)."""
-    names = ["transformer.wte.weight", "transformer.wpe.weight"]
-    per_block = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
-    if bias:
-        per_block += ["ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"]
-    for i in range(n_layer):
-        names += [f"transformer.h.{i}.{p}" for p in per_block]
-    names += ["transformer.ln_f.weight"] + (["transformer.ln_f.bias"] if bias else [])
-    return names
-
-
-class NativeSource(_Source):
-    def __init__(self, path, verify):
-        self.ckpt = Checkpoint(path, verify)
-        index = self.ckpt.index
-        self.config, self.id, self.plan, self.tied = index["config"], index["id"], index["plan"], index["tied"]
-        self.vocab_unpadded = index["vocab_size_unpadded"]
-        self.tensors = self.ckpt.tensors
-
-    def read(self, name, dim, start, stop):
-        return self.ckpt.read(name, dim, start, stop)
-
-
-def open_source(path, verify=False):
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "index.json")):
-        return NativeSource(path, verify)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        return HFSource(path)
-    if os.path.isfile(path):
-        return NanoGPTSource(path)
-    raise CheckpointError(
-        f"{path} is neither a checkpoint of this project (index.json), a Hugging Face GPT-2 directory "
-        f"(config.json + model.safetensors) nor a nanoGPT ckpt.pt"
-    )
 
 
 class Progress:
@@ -241,7 +126,7 @@ def write_hf(source, dst, dtype=None, progress_label="export"):
         raise CheckpointError("GPT-2 has biases everywhere; a model with bias=False cannot be exported to it")
     tmp = temporary_beside(dst, uuid.uuid4().hex[:12])
     os.makedirs(tmp)
-    names = _gpt_names(c["n_layer"])
+    names = gpt_names(c["n_layer"])
     shapes = {}
     for n in names:
         shape = list(source.tensors[n]["shape"])

@@ -7,6 +7,8 @@ are exact Megatron blocks. `spd_blocks` is a list of block indices, "all", "last
 batch, as in the paper's block-wise sensitivity; `dtensor_gpt.parallelize` measures it).
 """
 
+import re
+
 from dtensor_gpt.spd import SyncPointDrop, block_sensitivity
 from plans import megatron
 
@@ -32,6 +34,11 @@ def parse_spd_blocks(spd_blocks, n_layer):
     if bad:
         raise ValueError(f"spd_blocks {bad} out of range for n_layer={n_layer}; use indices 0..{n_layer - 1}")
     return blocks
+
+
+def spd_blocks_from_text(text):
+    """A command line's --spd-blocks: "0,2,5" becomes [0, 2, 5]; "all", "last:K" stay as they are."""
+    return [int(i) for i in text.split(",")] if re.fullmatch(r"\d+(,\d+)*", text) else text
 
 
 def plan(model, mesh, *, spd_blocks="all", calibration=None, loss_parallel=False):

@@ -1,0 +1,176 @@
+"""
+Generate text with the tensor-parallel GPT, a KV cache, and tokens streamed as they come.
+
+    torchrun --standalone --nproc-per-node 2 examples/generate.py [--prompt "ROMEO:"]
+
+With no --checkpoint it uses the small Shakespeare model shipped in examples/models (trained
+by examples/train.py; see its README). --checkpoint also takes a checkpoint of this project
+at any TP degree, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt; GPT-2 weights use the
+GPT-2 BPE through tiktoken (--tokenizer PATH: a .tiktoken ranks file, for offline use).
+"""
+
+import argparse
+import codecs
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
+
+from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
+from dtensor_gpt.checkpoint import CheckpointError
+from dtensor_gpt.launch import exit_distributed, init_distributed
+from plans.spd import spd_blocks_from_text
+from dtensor_gpt.model import KVCache
+from dtensor_gpt.reshard import padded_vocab
+from dtensor_gpt.sources import open_source
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(HERE, "models", "shakespeare_char")
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars, self.stoi = chars, {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text):
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise ValueError(f"--prompt has characters {unknown} that the model's vocabulary lacks")
+        return [self.stoi[c] for c in text]
+
+    def stream_decoder(self):
+        return lambda token: self.chars[token] if token < len(self.chars) else ""
+
+
+class BPETokenizer:
+    """GPT-2's byte-pair encoding through tiktoken, from a local ranks file or tiktoken's cache."""
+
+    def __init__(self, path):
+        import tiktoken
+
+        if path:
+            from tiktoken.load import load_tiktoken_bpe
+
+            ranks = load_tiktoken_bpe(path)
+            self.enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                         special_tokens={"<|endoftext|>": len(ranks)})
+        else:
+            try:
+                self.enc = tiktoken.get_encoding("gpt2")
+            except Exception as e:
+                raise ValueError(f"the GPT-2 tokenizer could not be loaded ({e}); pass --tokenizer PATH to a "
+                                 f"gpt2.tiktoken ranks file") from None
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def stream_decoder(self):
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda token: utf8.decode(self.enc.decode_single_token_bytes(token))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_MODEL)
+    p.add_argument("--plan", default="megatron", choices=["megatron", "megatron-sp", "spd"])
+    p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200, help="1 is greedy decoding")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tokenizer", help="a .tiktoken ranks file for GPT-2 checkpoints (offline use)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
+        p.error("--max-new-tokens and --top-k must be at least 1 and --temperature above 0")
+    return args
+
+
+def load_model(args, mesh):
+    """(model, tokenizer, real vocabulary size) from --checkpoint, parallelized over `mesh`."""
+    if not os.path.exists(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint} does not exist")
+    source = open_source(args.checkpoint)
+    config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__ if f in source.config}
+    config["vocab_size"] = config["vocab_size"] if config["vocab_size"] % mesh.size() == 0 else padded_vocab(
+        source.vocab_unpadded, mesh.size())
+    config["dropout"] = 0.0
+    vocab_file = os.path.join(args.checkpoint, "vocab.json") if os.path.isdir(args.checkpoint) else ""
+    if os.path.exists(vocab_file):
+        with open(vocab_file) as f:
+            tokenizer = CharTokenizer(json.load(f)["chars"])
+    else:
+        tokenizer = BPETokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    with open(os.devnull, "w") as quiet:
+        stdout, sys.stdout = sys.stdout, quiet
+        try:
+            model = GPT(GPTConfig(**config))
+        finally:
+            sys.stdout = stdout
+    options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
+    parallelize(model, mesh, args.plan, **options)
+    load_checkpoint(model, args.checkpoint)
+    return model.eval(), tokenizer, source.vocab_unpadded
+
+
+def collectives_per_token(model, prompt):
+    """The collectives of one decoding step (after a prompt), counted by CommDebugMode."""
+    cache = KVCache(len(model.transformer.h))
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        with CommDebugMode() as mode:
+            logits, _ = model(prompt[:, -1:], cache=cache)
+            logits.sum().item()
+    return Counter({str(op).split(".")[-1].rstrip("')"): n for op, n in mode.get_comm_counts().items()})
+
+
+def main():
+    args = parse_args()
+    mesh, device = init_distributed()
+    rank = dist.get_rank()
+    try:
+        model, tokenizer, vocab = load_model(args, mesh)
+        ids = tokenizer.encode(args.prompt)
+        if len(ids) + 1 > model.config.block_size:
+            raise ValueError(f"--prompt is {len(ids)} tokens; the model's block_size is {model.config.block_size}")
+        if not ids:
+            raise ValueError("--prompt is empty; give at least one character")
+    except (ValueError, CheckpointError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        exit_distributed(2)
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    decode = tokenizer.stream_decoder()
+
+    def show(token):
+        if rank == 0:
+            sys.stdout.write(decode(int(token)))
+            sys.stdout.flush()
+
+    if rank == 0:
+        sys.stdout.write(args.prompt)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.time()
+    model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   use_cache=not args.no_cache, vocab_limit=vocab, generator=generator,
+                   on_token=lambda t: show(t[0, 0]))
+    seconds = time.time() - start
+    comm = collectives_per_token(model, prompt)
+    if rank == 0:
+        per_token = ", ".join(f"{n} {kind}" for kind, n in sorted(comm.items())) or "none"
+        print(f"\n--- {args.max_new_tokens} tokens in {seconds:.2f}s: {args.max_new_tokens / seconds:.1f} tokens/s; "
+              f"tp={mesh.size()}, plan {args.plan}, {'no cache' if args.no_cache else 'KV cache'}; "
+              f"collectives per generated token: {per_token}")
+    exit_distributed()
+
+
+if __name__ == "__main__":
+    main()

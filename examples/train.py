@@ -1,0 +1,154 @@
+"""
+Train the GPT with tensor parallelism on a text file, nanoGPT's shakespeare_char way.
+
+    torchrun --standalone --nproc-per-node 2 examples/train.py --data ../shared/data/tinyshakespeare.txt --out out/shakespeare
+
+Defaults are nanoGPT's CPU shakespeare_char run: n_layer=4, n_head=4, n_embd=128,
+block_size=64, batch_size=12, 2000 iterations, lr 1e-3 with 100 warm-up steps, cosine decay
+to 1e-4, AdamW (beta2 0.99, weight decay 0.1 on matrices), gradient clipping at 1.0,
+dropout 0, evaluation on 20 batches. Every rank draws the same batches; the loss is computed
+on vocab-sharded logits (`loss_parallel`), and gradient clipping sees DTensor gradients.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
+
+from dtensor_gpt import GPT, GPTConfig, parallelize, save_checkpoint
+from dtensor_gpt.data import CharData
+from dtensor_gpt.grad import clip_grad_norm_
+from dtensor_gpt.launch import exit_distributed, init_distributed
+from plans.spd import spd_blocks_from_text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a text file; first 90%% train, last 10%% validation")
+    p.add_argument("--out", help="save the final checkpoint (and vocab.json) here")
+    p.add_argument("--plan", default="megatron", help="megatron, megatron-sp or spd")
+    p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--max-iters", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--lr-decay-iters", type=int, help="default: --max-iters")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=250)
+    p.add_argument("--eval-iters", type=int, default=20)
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--pad-vocab", type=int, default=4,
+                   help="round the vocabulary up to a multiple of this (and of the TP degree), so one "
+                        "model serves TP degrees 1, 2 and 4 alike")
+    args = p.parse_args(argv)
+    args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+    if not os.path.isfile(args.data):
+        p.error(f"--data {args.data} is not a file")
+    return args
+
+
+def learning_rate(it, args):
+    """nanoGPT's schedule: linear warm-up, cosine decay to min_lr, then flat."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / (args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
+
+
+def build(args, data, mesh):
+    torch.manual_seed(args.seed)
+    config = GPTConfig(block_size=args.block_size, vocab_size=data.vocab_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=True)
+    model = GPT(config)
+    options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
+    parallelize(model, mesh, args.plan, loss_parallel=True, **options)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, args.beta2), foreach=False,
+    )
+    return model, optimizer
+
+
+@torch.no_grad()
+def estimate_loss(model, data, args, generator):
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        losses = []
+        for _ in range(args.eval_iters):
+            x, y = data.batch(split, args.batch_size, args.block_size, generator)
+            with loss_parallel():
+                losses.append(model(x, y)[1].full_tensor().item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def train(args, mesh, say=print):
+    """Train and return (model, data, [training loss per step], last evaluation)."""
+    data = CharData(args.data, pad_to=math.lcm(args.pad_vocab, mesh.size()))
+    model, optimizer = build(args, data, mesh)
+    batches = torch.Generator().manual_seed(args.seed)
+    evals = torch.Generator().manual_seed(args.seed + 1)
+    losses, evaluation, start = [], None, time.time()
+    tokens_per_step = args.batch_size * args.block_size
+    for it in range(args.max_iters + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(it, args)
+        if it % args.eval_interval == 0 or it == args.max_iters:
+            evaluation = estimate_loss(model, data, args, evals)
+            say(f"step {it}: train loss {evaluation['train']:.4f}, val loss {evaluation['val']:.4f} "
+                f"({time.time() - start:.0f}s)")
+        if it == args.max_iters:
+            break
+        x, y = data.batch("train", args.batch_size, args.block_size, batches)
+        with loss_parallel():
+            _, loss = model(x, y)
+            loss.backward()
+        if args.grad_clip:
+            clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.full_tensor().item())
+        if it % args.log_interval == 0:
+            elapsed = time.time() - start
+            say(f"iter {it}: loss {losses[-1]:.4f}, lr {learning_rate(it, args):.2e}, "
+                f"{tokens_per_step * (it + 1) / max(elapsed, 1e-9):,.0f} tokens/s")
+    say(f"trained {args.max_iters} iterations in {time.time() - start:.0f}s; "
+        f"final val loss {evaluation['val']:.4f}, plan {args.plan}, tp={mesh.size()}")
+    return model, data, losses, evaluation
+
+
+def main():
+    args = parse_args()
+    mesh, _ = init_distributed()
+    say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+    model, data, _, _ = train(args, mesh, say)
+    if args.out:
+        save_checkpoint(model, args.out, overwrite=True, plan=args.plan)
+        if dist.get_rank() == 0:
+            with open(os.path.join(args.out, "vocab.json"), "w") as f:
+                json.dump({"chars": data.chars}, f)
+            say(f"saved {args.out}")
+    exit_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Generation: the KV cache changes nothing, TP degree changes nothing, bad arguments are refused."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+from distributed import run_distributed
+from dtensor_gpt import GPT, load_checkpoint, parallelize
+from helpers import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "examples" / "models" / "shakespeare_char"
+PROMPT = "ROMEO:\nWhat"
+
+
+
+
+def _greedy(rank, world_size, plan, use_cache):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from generate import load_model, parse_args
+
+    args = parse_args(["--plan", plan, "--top-k", "1"])
+    model, tokenizer, vocab = load_model(args, init_device_mesh("cpu", (world_size,)))
+    prompt = torch.tensor([tokenizer.encode(PROMPT)])
+    out = model.generate(prompt, 60, top_k=1, use_cache=use_cache, vocab_limit=vocab)
+    return out[0].tolist()
+
+
+def test_greedy_tokens_identical_at_tp_1_2_4_and_with_or_without_cache():
+    reference = run_distributed(_greedy, 1, "megatron", False)
+    assert len(reference) == len(PROMPT) + 60
+    assert run_distributed(_greedy, 1, "megatron", True) == reference
+    assert run_distributed(_greedy, 2, "megatron", True) == reference
+    assert run_distributed(_greedy, 4, "megatron", True) == reference
+    assert run_distributed(_greedy, 2, "megatron-sp", True) == reference
+
+
+def test_cache_matches_recompute_past_block_size():
+    """Sampled (not greedy) decoding from one seed, past the context length, at TP=1."""
+    torch.manual_seed(0)
+    model = GPT(small_config(block_size=16)).eval()
+    prompt = torch.randint(0, 96, (2, 5))
+    calls = []
+    model.transformer.wte.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    cached = model.generate(prompt, 30, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert calls[:12] == [5] + [1] * 11, "within the context, each step runs one token"
+    calls.clear()
+    plain = model.generate(prompt, 30, top_k=5, use_cache=False, generator=torch.Generator().manual_seed(3))
+    assert calls[:3] == [5, 6, 7]
+    assert cached.shape == (2, 35) and torch.equal(cached, plain)
+
+
+def run_generate(nproc, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "examples" / "generate.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_generate_runs_with_no_arguments():
+    r = run_generate(2, "--max-new-tokens", "80", "--prompt", "KING HENRY:")
+    assert r.returncode == 0, r.stderr[-2000:]
+    text, summary = r.stdout.rsplit("\n--- ", 1)
+    assert text.startswith("KING HENRY:") and len(text) == len("KING HENRY:") + 80
+    assert "tokens/s; tp=2, plan megatron, KV cache; collectives per generated token: 1 all_gather_into_tensor, 9 all_reduce" in summary
+
+
+@pytest.mark.parametrize("nproc, args, message", [
+    (1, ["--checkpoint", "/nonexistent/ckpt"], "error: --checkpoint /nonexistent/ckpt does not exist"),
+    (3, [], "error: n_head=4 is not divisible by tp=3; use tp in {1, 2, 4}"),
+    (1, ["--prompt", "x" * 64], "error: --prompt is 64 tokens; the model's block_size is 64"),
+    (1, ["--prompt", "ROMEO: \u00e9"], "error: --prompt has characters ['\u00e9'] that the model's vocabulary lacks"),
+])
+def test_bad_arguments(nproc, args, message):
+    r = run_generate(nproc, *args)
+    assert r.returncode != 0
+    assert message in r.stderr
