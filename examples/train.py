@@ -4,7 +4,7 @@ Train the GPT with tensor parallelism on a text file, nanoGPT's shakespeare_char
     torchrun --standalone --nproc-per-node 2 examples/train.py --data ../shared/data/tinyshakespeare.txt --out out/shakespeare
 
 Defaults are nanoGPT's CPU shakespeare_char run: n_layer=4, n_head=4, n_embd=128,
-block_size=64, batch_size=12, 2000 iterations, lr 1e-3 with 100 warm-up steps, cosine decay
+block_size=64, no biases, batch_size=12, 2000 iterations, lr 1e-3 with 100 warm-up steps, cosine decay
 to 1e-4, AdamW (beta2 0.99, weight decay 0.1 on matrices), gradient clipping at 1.0,
 dropout 0, evaluation on 20 batches. Every rank draws the same batches; the loss is computed
 on vocab-sharded logits (`loss_parallel`), and gradient clipping sees DTensor gradients.
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--bias", action="store_true", help="biases in Linears and LayerNorms (nanoGPT's train.py: off)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--max-iters", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -73,7 +74,7 @@ def learning_rate(it, args):
 def build(args, data, mesh):
     torch.manual_seed(args.seed)
     config = GPTConfig(block_size=args.block_size, vocab_size=data.vocab_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=True)
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=args.bias)
     model = GPT(config)
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=True, **options)
