@@ -161,6 +161,15 @@ class Checkpoint:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def read_full(self, name):
+        """The whole tensor `name` (0-dimensional ones included)."""
+        entry = self.tensors[name]
+        if len(entry["files"]) == 1:
+            t = self._files[entry["files"][0]].get_tensor(name)
+            self.bytes_read += t.numel() * t.element_size()
+            return t
+        return self.read(name, entry["split"]["dim"], 0, entry["shape"][entry["split"]["dim"]])
+
     def read(self, name, dim, start, stop):
         """The global range [start, stop) of tensor `name` along `dim`."""
         entry = self.tensors[name]
@@ -219,17 +228,36 @@ def unique_parameters(model):
     return params, tied
 
 
-def save_checkpoint(model, path, overwrite=False, plan=None):
+def _named_tensors(model, optimizer, extra_tensors, parts):
+    """Everything a checkpoint stores, by name: (tensor, split) with the tied ones once."""
+    params, tied = unique_parameters(model)
+    named = {}
+    for name, p in params.items():
+        split = layout.split_of(p) if parts > 1 else layout.canonical_split(name)
+        named[name] = (p, split)
+        for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
+            if torch.is_tensor(value):
+                same = tuple(value.shape) == tuple(p.shape)
+                named[f"optimizer.{key}.{name}"] = (value, split if same else None)
+    for key, value in (extra_tensors or {}).items():
+        named[f"extra.{key}"] = (value, None)
+    return named, tied
+
+
+def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, extra=None, extra_tensors=None):
     """
     Save `model` (parallelized or not) to the directory `path`; every TP rank calls this.
 
     Each rank writes only its own shards, in parallel; `index.json` comes last, after every
-    file is fsynced, and the directory appears at `path` only when complete.
+    file is fsynced, and the directory appears at `path` only when complete. With
+    `optimizer`, its per-parameter state is saved too, sharded like the parameters (so it
+    reshards with them); `extra` (JSON values) and `extra_tensors` (replicated tensors, e.g.
+    random generator states) carry whatever else a run needs to resume exactly.
     """
     rank, parts = _tp_rank(model)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
-    params, tied = unique_parameters(model)
+    named, tied = _named_tensors(model, optimizer, extra_tensors, parts)
     distributed = parts > 1
     ident = [uuid.uuid4().hex]
     if distributed:
@@ -242,12 +270,11 @@ def save_checkpoint(model, path, overwrite=False, plan=None):
         dist.barrier()
 
     tensors, mine = {}, []
-    for name, p in sorted(params.items()):
-        split = layout.split_of(p) if parts > 1 else layout.canonical_split(name)
+    for name, (t, split) in sorted(named.items()):
         sharded = parts > 1 and split is not None
-        local = p.to_local() if isinstance(p, DTensor) else p.detach()
+        local = t.to_local() if isinstance(t, DTensor) else t.detach()
         files = [rank_file(r, parts) for r in range(parts)] if sharded else [rank_file(0, parts)]
-        tensors[name] = dict(shape=list(p.shape), dtype=DTYPES[p.dtype], split=split, files=files)
+        tensors[name] = dict(shape=list(t.shape), dtype=DTYPES[t.dtype], split=split, files=files)
         if sharded or rank == 0:
             mine.append((name, local))
     fname = rank_file(rank, parts)
@@ -268,6 +295,8 @@ def save_checkpoint(model, path, overwrite=False, plan=None):
             vocab_size_unpadded=getattr(model.config, "vocab_size_unpadded", config["vocab_size"]),
             tensors=tensors, tied=tied, files={k: v for d in digests for k, v in d.items()},
         )
+        if extra:
+            index["extra"] = extra
         write_index(tmp, index)
         publish(tmp, path, overwrite)
     if distributed:
@@ -280,13 +309,30 @@ def _plan_of(model):
     return plan_name(model)
 
 
-def load_checkpoint(model, path, verify=False):
+def _read_into(ckpt, name, target, available=None):
+    """Fill `target` (a DTensor: only this rank's shard) from checkpoint tensor `name`."""
+    local = target.to_local() if isinstance(target, DTensor) else target
+    split = layout.split_of(target)
+    if target.dim() == 0:
+        local.copy_(ckpt.read_full(name))
+        return
+    if split is None:
+        dim, ranges = 0, [(0, target.shape[0])]
+    else:
+        rank, parts = target.device_mesh.get_local_rank(), target.device_mesh.size()
+        dim, ranges = split["dim"], layout.intervals(target.shape[split["dim"]], split, parts, rank)
+    if available is None or dim != 0:
+        available = target.shape[dim]
+    local.copy_(read_ranges(ckpt, name, dim, ranges, available))
+
+
+def load_checkpoint(model, path, verify=False, optimizer=None):
     """
     Load a checkpoint of any TP degree (or a Hugging Face GPT-2 directory, or a nanoGPT
-    ckpt.pt) into `model`, parallelized at any TP degree or not.
-
-    Everything is checked before a parameter changes. Returns {"bytes_read": n}: the bytes
-    this rank read, about 1/TP of the sharded tensors plus the replicated ones.
+    ckpt.pt) into `model`, parallelized at any TP degree or not, and with `optimizer` its
+    saved optimizer state. Everything is checked before a parameter changes. Returns
+    {"bytes_read": bytes this rank read (about 1/TP of the sharded tensors plus the
+    replicated ones), "extra": the saved JSON values, "extra_tensors": the saved tensors}.
     """
     from dtensor_gpt.sources import open_source
 
@@ -296,10 +342,19 @@ def load_checkpoint(model, path, verify=False):
         have, want = getattr(model.config, field), ckpt.config[field]
         if have != want:
             raise CheckpointError(f"{path} is a model with {field}={want}, but this model has {field}={have}")
-    missing = sorted(set(params) - set(ckpt.tensors))
-    unexpected = sorted(set(ckpt.tensors) - set(params) - set(tied))
+    saved = {n for n in ckpt.tensors if not n.startswith(("optimizer.", "extra."))}
+    missing = sorted(set(params) - saved)
+    unexpected = sorted(saved - set(params) - set(tied))
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint {missing}, unexpected in it {unexpected}")
+    states = {}
+    if optimizer is not None:
+        for pname, p in params.items():
+            keys = [n[len("optimizer."):-len(pname) - 1] for n in ckpt.tensors
+                    if n.startswith("optimizer.") and n.endswith("." + pname)]
+            if not keys:
+                raise CheckpointError(f"{path} has no optimizer state for {pname}; it was saved without an optimizer")
+            states[pname] = keys
     rows = {}
     for name, p in params.items():
         entry = ckpt.tensors[name]
@@ -315,13 +370,12 @@ def load_checkpoint(model, path, verify=False):
             raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")
     with torch.no_grad():
         for name, p in params.items():
-            local = p.to_local() if isinstance(p, DTensor) else p
-            split = layout.split_of(p)
-            if split is None:
-                dim, ranges = 0, [(0, p.shape[0])]
-            else:
-                rank, parts = p.device_mesh.get_local_rank(), p.device_mesh.size()
-                dim, ranges = split["dim"], layout.intervals(p.shape[split["dim"]], split, parts, rank)
-            available = rows.get(name, p.shape[0]) if dim == 0 else p.shape[dim]
-            local.copy_(read_ranges(ckpt, name, dim, ranges, available))
-    return dict(bytes_read=ckpt.bytes_read)
+            _read_into(ckpt, name, p, rows.get(name))
+            for key in states.get(name, []):
+                entry = ckpt.tensors[f"optimizer.{key}.{name}"]
+                like = torch.zeros_like(p) if list(entry["shape"]) == list(p.shape) else torch.zeros(
+                    entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]])
+                _read_into(ckpt, f"optimizer.{key}.{name}", like, rows.get(name))
+                optimizer.state[p][key] = like
+    extra_tensors = {n[len("extra."):]: ckpt.read_full(n) for n in ckpt.tensors if n.startswith("extra.")}
+    return dict(bytes_read=ckpt.bytes_read, extra=ckpt.extra, extra_tensors=extra_tensors)

@@ -25,7 +25,8 @@ _RULES = [
 
 
 def canonical_split(name):
-    """The split the megatron plans give parameter `name` (None: replicated)."""
+    """The split the megatron plans give parameter `name`, or its optimizer state (None: replicated)."""
+    name = re.sub(r"^optimizer\.\w+?\.(?=transformer\.|lm_head\.)", "", name)
     for pattern, split in _RULES:
         if re.fullmatch(pattern, name):
             return dict(split)

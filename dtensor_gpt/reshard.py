@@ -102,12 +102,15 @@ def write_native(source, dst, tp, dtype=None, progress_label="reshard"):
         with StreamingWriter(path, entries, dict(format=FORMAT, id=ident, rank=rank, tp=tp)) as writer:
             for n in mine:
                 split, shape = tensors[n]["split"], tensors[n]["shape"]
-                if parts[n] > 1:
-                    dim, ranges = split["dim"], layout.intervals(shape[split["dim"]], split, tp, rank)
+                if not shape:
+                    t = source.read_full(n)
                 else:
-                    dim, ranges = 0, [(0, shape[0])]
-                available = source.tensors[n]["shape"][0] if dim == 0 else shape[dim]
-                t = read_ranges(source, n, dim, ranges, available)
+                    if parts[n] > 1:
+                        dim, ranges = split["dim"], layout.intervals(shape[split["dim"]], split, tp, rank)
+                    else:
+                        dim, ranges = 0, [(0, shape[0])]
+                    available = source.tensors[n]["shape"][0] if dim == 0 else shape[dim]
+                    t = read_ranges(source, n, dim, ranges, available)
                 writer.write(n, t.to(TORCH_DTYPES[tensors[n]["dtype"]]))
                 progress.step()
         digests[fname] = dict(sha256=sha256(path), bytes=os.path.getsize(path))
@@ -115,6 +118,8 @@ def write_native(source, dst, tp, dtype=None, progress_label="reshard"):
     config = {f: config[f] for f in GPTConfig.__dataclass_fields__}
     index = dict(format=FORMAT, id=ident, config=config, tp=tp, plan=source.plan,
                  vocab_size_unpadded=source.vocab_unpadded, tensors=tensors, tied=source.tied, files=digests)
+    if source.extra:
+        index["extra"] = source.extra
     write_index(tmp, index)
     return tmp
 

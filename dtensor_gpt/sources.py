@@ -22,6 +22,7 @@ class _Source:
 
     id = None
     bytes_read = 0
+    extra = {}
     plan = None
     tied = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -120,6 +121,13 @@ class NativeSource(_Source):
     @property
     def bytes_read(self):
         return self.ckpt.bytes_read
+
+    @property
+    def extra(self):
+        return self.ckpt.index.get("extra", {})
+
+    def read_full(self, name):
+        return self.ckpt.read_full(name)
 
     def read(self, name, dim, start, stop):
         return self.ckpt.read(name, dim, start, stop)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from dtensor_gpt import GPT, GPTConfig, parallelize, save_checkpoint
+from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
 from dtensor_gpt.data import CharData
 from dtensor_gpt.grad import clip_grad_norm_
 from dtensor_gpt.launch import exit_distributed, init_distributed
@@ -30,7 +30,9 @@ from plans.spd import spd_blocks_from_text
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a text file; first 90%% train, last 10%% validation")
-    p.add_argument("--out", help="save the final checkpoint (and vocab.json) here")
+    p.add_argument("--out", help="save the final checkpoint (model, optimizer, step; and vocab.json) here")
+    p.add_argument("--resume", help="continue from a checkpoint --out wrote (at any TP degree, resharded with "
+                                    "python -m dtensor_gpt.reshard): model, optimizer, step and data order")
     p.add_argument("--plan", default="megatron", help="megatron, megatron-sp or spd")
     p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
     p.add_argument("--n-layer", type=int, default=4)
@@ -58,6 +60,8 @@ def parse_args(argv=None):
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     if not os.path.isfile(args.data):
         p.error(f"--data {args.data} is not a file")
+    if args.resume and not os.path.isdir(args.resume):
+        p.error(f"--resume {args.resume} is not a checkpoint directory")
     return args
 
 
@@ -103,14 +107,21 @@ def estimate_loss(model, data, args, generator):
 
 
 def train(args, mesh, say=print):
-    """Train and return (model, data, [training loss per step], last evaluation)."""
+    """Train; return (model, optimizer, data, state to resume from, [loss per step], last evaluation)."""
     data = CharData(args.data, pad_to=math.lcm(args.pad_vocab, mesh.size()))
     model, optimizer = build(args, data, mesh)
     batches = torch.Generator().manual_seed(args.seed)
     evals = torch.Generator().manual_seed(args.seed + 1)
+    first = 0
+    if args.resume:
+        saved = load_checkpoint(model, args.resume, optimizer=optimizer)
+        first = saved["extra"]["iter"]
+        batches.set_state(saved["extra_tensors"]["batch_rng"])
+        evals.set_state(saved["extra_tensors"]["eval_rng"])
+        say(f"resumed {args.resume} at iteration {first}")
     losses, evaluation, start = [], None, time.time()
     tokens_per_step = args.batch_size * args.block_size
-    for it in range(args.max_iters + 1):
+    for it in range(first, args.max_iters + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(it, args)
         if it % args.eval_interval == 0 or it == args.max_iters:
@@ -131,19 +142,21 @@ def train(args, mesh, say=print):
         if it % args.log_interval == 0:
             elapsed = time.time() - start
             say(f"iter {it}: loss {losses[-1]:.4f}, lr {learning_rate(it, args):.2e}, "
-                f"{tokens_per_step * (it + 1) / max(elapsed, 1e-9):,.0f} tokens/s")
-    say(f"trained {args.max_iters} iterations in {time.time() - start:.0f}s; "
+                f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
+    say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
         f"final val loss {evaluation['val']:.4f}, plan {args.plan}, tp={mesh.size()}")
-    return model, data, losses, evaluation
+    state = dict(extra={"iter": args.max_iters},
+                 extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
+    return model, optimizer, data, state, losses, evaluation
 
 
 def main():
     args = parse_args()
     mesh, _ = init_distributed()
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
-    model, data, _, _ = train(args, mesh, say)
+    model, optimizer, data, state, _, _ = train(args, mesh, say)
     if args.out:
-        save_checkpoint(model, args.out, overwrite=True, plan=args.plan)
+        save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **state)
         if dist.get_rank() == 0:
             with open(os.path.join(args.out, "vocab.json"), "w") as f:
                 json.dump({"chars": data.chars}, f)

@@ -11,16 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def _losses(rank, world_size, plan):
+TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
+        "--warmup-iters", "5", "--lr-decay-iters", "20", "--eval-interval", "1000", "--eval-iters", "2"]
+
+
+def _losses(rank, world_size, plan, *extra):
     from torch.distributed.device_mesh import init_device_mesh
+
+    from dtensor_gpt import save_checkpoint
 
     sys.path.insert(0, str(ROOT / "examples"))
     from train import parse_args, train
 
-    args = parse_args(["--data", str(DATA), "--plan", plan, "--n-layer", "2", "--n-head", "4", "--n-embd", "64",
-                       "--block-size", "32", "--batch-size", "4", "--max-iters", "20", "--warmup-iters", "5",
-                       "--eval-interval", "1000", "--eval-iters", "2"])
-    _, _, losses, evaluation = train(args, init_device_mesh("cpu", (world_size,)), say=lambda *a: None)
+    args = parse_args(["--data", str(DATA), "--plan", plan, "--max-iters", "20", *TINY, *extra])
+    model, optimizer, _, state, losses, evaluation = train(args, init_device_mesh("cpu", (world_size,)), say=lambda *a: None)
+    if args.out:
+        save_checkpoint(model, args.out, optimizer=optimizer, **state)
     return losses, evaluation
 
 
@@ -33,3 +39,18 @@ def test_tp2_follows_tp1_for_20_steps(plan):
     assert single[-1] < single[0] - 0.5, "the loss must actually fall for the comparison to mean anything"
     worst = max(abs(a - b) for a, b in zip(single, parallel))
     assert worst < 1e-4, f"TP=2 ({plan}) departs from TP=1 by {worst}"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_resume_is_exact_and_works_at_another_degree(tmp_path):
+    from dtensor_gpt.reshard import main as reshard
+
+    straight, _ = run_distributed(_losses, 2, "megatron")
+    first, _ = run_distributed(_losses, 2, "megatron", "--max-iters", "10", "--out", str(tmp_path / "at10"))
+    assert first == straight[:10]
+    resumed, _ = run_distributed(_losses, 2, "megatron", "--resume", str(tmp_path / "at10"))
+    assert len(resumed) == 10
+    assert max(abs(a - b) for a, b in zip(resumed, straight[10:])) < 1e-6, "resuming must continue exactly"
+    assert reshard([str(tmp_path / "at10"), str(tmp_path / "at10-tp1"), "--tp", "1"]) == 0
+    elsewhere, _ = run_distributed(_losses, 1, "megatron", "--resume", str(tmp_path / "at10-tp1"))
+    assert max(abs(a - b) for a, b in zip(elsewhere, straight[10:])) < 1e-4, "resuming at TP=1 follows TP=2"
