@@ -57,22 +57,25 @@ def fsync_dir(path):
 
 
 def temporary_beside(path, tag):
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+    parent = os.path.dirname(os.path.abspath(path))
     return os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{tag}")
 
 
 def publish(tmp, path, overwrite):
-    """Rename the finished directory `tmp` to `path` (replacing it only with `overwrite`)."""
+    """Rename the finished directory `tmp` to `path`, replacing only a checkpoint (with `overwrite`)."""
     if os.path.exists(path):
         if not overwrite:
             raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        if not os.path.isdir(path) or (os.listdir(path) and not os.path.exists(os.path.join(path, INDEX))):
+            raise CheckpointError(f"{path} is not a checkpoint (no {INDEX}); refusing to replace it")
         old = tmp + ".old"
         os.rename(path, old)
         os.rename(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)) or ".")
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def write_index(directory, index):
@@ -103,6 +106,9 @@ class Checkpoint:
             raise CheckpointError(f"{index_path} is not valid JSON: {e}") from None
         if self.index.get("format") != FORMAT:
             raise CheckpointError(f"{index_path}: format {self.index.get('format')!r} is not {FORMAT!r}")
+        lacking = [k for k in ("id", "config", "tp", "tensors", "tied", "files", "vocab_size_unpadded") if k not in self.index]
+        if lacking:
+            raise CheckpointError(f"{index_path} lacks {lacking}")
         self.parts = self.index["tp"]
         self.tensors = self.index["tensors"]
         self.bytes_read = 0
@@ -150,10 +156,6 @@ class Checkpoint:
                 f"{os.path.join(self.path, fname)}: tensor {name} is {piece.get_dtype()} {piece.get_shape()}, "
                 f"but {INDEX} says {entry['dtype']} {want}"
             )
-
-    @property
-    def config(self):
-        return self.index["config"]
 
     def _slice(self, fname, name, dim, start, stop):
         index = (slice(None),) * dim + (slice(start, stop),)
@@ -244,7 +246,8 @@ def _named_tensors(model, optimizer, extra_tensors, parts):
     return named, tied
 
 
-def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, extra=None, extra_tensors=None):
+def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, extra=None, extra_tensors=None,
+                    vocab_size_unpadded=None):
     """
     Save `model` (parallelized or not) to the directory `path`; every TP rank calls this.
 
@@ -252,7 +255,8 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     file is fsynced, and the directory appears at `path` only when complete. With
     `optimizer`, its per-parameter state is saved too, sharded like the parameters (so it
     reshards with them); `extra` (JSON values) and `extra_tensors` (replicated tensors, e.g.
-    random generator states) carry whatever else a run needs to resume exactly.
+    random generator states) carry whatever else a run needs to resume exactly;
+    `vocab_size_unpadded` is how many vocabulary rows are real (the rest is TP padding).
     """
     rank, parts = _tp_rank(model)
     if os.path.exists(path) and not overwrite:
@@ -292,7 +296,7 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         config = asdict(model.config)
         index = dict(
             format=FORMAT, id=ident, config=config, tp=parts, plan=plan or _plan_of(model),
-            vocab_size_unpadded=getattr(model.config, "vocab_size_unpadded", config["vocab_size"]),
+            vocab_size_unpadded=vocab_size_unpadded or config["vocab_size"],
             tensors=tensors, tied=tied, files={k: v for d in digests for k, v in d.items()},
         )
         if extra:
@@ -354,6 +358,11 @@ def load_checkpoint(model, path, verify=False, optimizer=None):
                     if n.startswith("optimizer.") and n.endswith("." + pname)]
             if not keys:
                 raise CheckpointError(f"{path} has no optimizer state for {pname}; it was saved without an optimizer")
+            for key in keys:
+                entry = ckpt.tensors[f"optimizer.{key}.{pname}"]
+                if entry["shape"] not in ([], ckpt.tensors[pname]["shape"]):
+                    raise CheckpointError(f"{path}: optimizer.{key}.{pname} has shape {entry['shape']}, neither a scalar "
+                                          f"nor the parameter's {ckpt.tensors[pname]['shape']}")
             states[pname] = keys
     rows = {}
     for name, p in params.items():
@@ -373,8 +382,7 @@ def load_checkpoint(model, path, verify=False, optimizer=None):
             _read_into(ckpt, name, p, rows.get(name))
             for key in states.get(name, []):
                 entry = ckpt.tensors[f"optimizer.{key}.{name}"]
-                like = torch.zeros_like(p) if list(entry["shape"]) == list(p.shape) else torch.zeros(
-                    entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]])
+                like = torch.zeros_like(p) if entry["shape"] else torch.zeros((), dtype=TORCH_DTYPES[entry["dtype"]])
                 _read_into(ckpt, f"optimizer.{key}.{name}", like, rows.get(name))
                 optimizer.state[p][key] = like
     extra_tensors = {n[len("extra."):]: ckpt.read_full(n) for n in ckpt.tensors if n.startswith("extra.")}

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -69,27 +70,25 @@ def _check_degree(source, tp):
             raise CheckpointError(f"{field}={c[field]} is not divisible by tp={tp}; use tp in {{{valid}}}")
 
 
-def write_native(source, dst, tp, dtype=None, progress_label="reshard"):
-    """Write `source` as a checkpoint of this format at degree `tp`, rank file by rank file."""
+def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
+    """Write `source` into the new directory `tmp` as a checkpoint at degree `tp`, rank file by rank file."""
     _check_degree(source, tp)
     vocab = source.config["vocab_size"]
     if vocab % tp:
         vocab = padded_vocab(source.vocab_unpadded, tp)
     ident = source.id or uuid.uuid4().hex
-    tmp = temporary_beside(dst, ident[:12])
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
     os.makedirs(tmp)
     tensors = {}
     for name, entry in sorted(source.tensors.items()):
         shape = list(entry["shape"])
-        if name == "transformer.wte.weight":
-            shape[0] = vocab
+        if re.sub(r"^optimizer\.\w+?\.(?=transformer\.)", "", name) == "transformer.wte.weight" and shape:
+            shape[0] = vocab  # the embedding and its optimizer moments are padded alike
         split = entry["split"]
         if tp > 1 and not layout.divides(shape[split["dim"]] if split else 0, split, tp):
             raise CheckpointError(f"tensor {name} of shape {shape} cannot be split {split} over tp={tp}")
         files = [rank_file(r, tp) for r in range(tp)] if tp > 1 and split else [rank_file(0, tp)]
-        tensors[name] = dict(shape=shape, dtype=DTYPES[dtype] if dtype else entry["dtype"], split=split, files=files)
+        cast = dtype and entry["dtype"] in ("F32", "F16", "BF16") and not name.startswith(("extra.", "optimizer.step."))
+        tensors[name] = dict(shape=shape, dtype=DTYPES[dtype] if cast else entry["dtype"], split=split, files=files)
     progress = Progress(sum(len(e["files"]) for e in tensors.values()), progress_label)
     digests = {}
     for rank in range(tp):
@@ -121,15 +120,13 @@ def write_native(source, dst, tp, dtype=None, progress_label="reshard"):
     if source.extra:
         index["extra"] = source.extra
     write_index(tmp, index)
-    return tmp
 
 
-def write_hf(source, dst, dtype=None, progress_label="export"):
-    """Write `source` as a Hugging Face GPT-2 directory (unpadded vocabulary, lm_head tied)."""
+def write_hf(source, tmp, dtype=None, progress_label="export"):
+    """Write `source` into the new directory `tmp` as a Hugging Face GPT-2 directory (unpadded vocabulary)."""
     c = source.config
     if not c.get("bias", True):
         raise CheckpointError("GPT-2 has biases everywhere; a model with bias=False cannot be exported to it")
-    tmp = temporary_beside(dst, uuid.uuid4().hex[:12])
     os.makedirs(tmp)
     names = gpt_names(c["n_layer"])
     shapes = {}
@@ -156,7 +153,6 @@ def write_hf(source, dst, dtype=None, progress_label="export"):
         json.dump(hf_config, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    return tmp
 
 
 def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=False):
@@ -171,8 +167,9 @@ def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=Fal
     if getattr(source, "activation", "gelu") != "gelu":
         print(f"note: {src} uses {source.activation} (tanh-approximated GELU); this GPT uses the exact GELU, "
               f"as nanoGPT does, so its logits differ slightly from the original's", file=sys.stderr)
-    tmp = write_hf(source, dst, dtype) if to == "hf" else write_native(source, dst, tp, dtype)
+    tmp = temporary_beside(dst, uuid.uuid4().hex[:12])
     try:
+        write_hf(source, tmp, dtype) if to == "hf" else write_native(source, tmp, tp, dtype)
         publish(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

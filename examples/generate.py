@@ -11,7 +11,6 @@ GPT-2 BPE through tiktoken (--tokenizer PATH: a .tiktoken ranks file, for offlin
 
 import argparse
 import codecs
-import json
 import os
 import sys
 import time
@@ -102,12 +101,8 @@ def load_model(args, mesh):
     config["vocab_size"] = config["vocab_size"] if config["vocab_size"] % mesh.size() == 0 else padded_vocab(
         source.vocab_unpadded, mesh.size())
     config["dropout"] = 0.0
-    vocab_file = os.path.join(args.checkpoint, "vocab.json") if os.path.isdir(args.checkpoint) else ""
-    if os.path.exists(vocab_file):
-        with open(vocab_file) as f:
-            tokenizer = CharTokenizer(json.load(f)["chars"])
-    else:
-        tokenizer = BPETokenizer(args.tokenizer)
+    chars = source.extra.get("chars")
+    tokenizer = CharTokenizer(chars) if chars else BPETokenizer(args.tokenizer)
     torch.manual_seed(0)
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet

