@@ -301,10 +301,18 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         )
         if extra:
             index["extra"] = extra
-        write_index(tmp, index)
-        publish(tmp, path, overwrite)
+    failure = [None]
+    if rank == 0:
+        try:
+            write_index(tmp, index)
+            publish(tmp, path, overwrite)
+        except (OSError, CheckpointError) as e:
+            failure = [f"{type(e).__name__}: {e}"]
+            shutil.rmtree(tmp, ignore_errors=True)
     if distributed:
-        dist.barrier()
+        dist.broadcast_object_list(failure, src=0)  # every rank learns the outcome; none waits forever
+    if failure[0]:
+        raise CheckpointError(f"saving {path} failed on rank 0: {failure[0]}")
 
 
 def _plan_of(model):

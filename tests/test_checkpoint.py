@@ -239,6 +239,7 @@ def test_overwrite_replaces_only_a_checkpoint(saved, tmp_path, capsys):
     assert reshard([str(saved / "tp1"), str(tmp_path / "notes"), "--overwrite"]) == 1
     assert "is not a checkpoint (no index.json); refusing to replace it" in capsys.readouterr().err
     assert (tmp_path / "notes" / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"], "the unfinished save is cleaned up"
 
 
 def test_cli_refusals(saved, tmp_path, capsys):
@@ -273,3 +274,22 @@ def test_killed_conversion_leaves_no_destination(tmp_path):
     proc.wait()
     assert not (tmp_path / "out").exists(), "a killed conversion must not leave a destination"
     assert reshard([str(tmp_path / "big"), str(tmp_path / "out"), "--tp", "4"]) == 0  # a rerun succeeds
+
+
+def _save_over_non_checkpoint(rank, world_size, path):
+    torch.manual_seed(0)
+    model = parallelize(GPT(small_config()), init_device_mesh("cpu", (world_size,)))
+    try:
+        save_checkpoint(model, path, overwrite=True)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_failed_save_fails_on_every_rank(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "precious.txt").write_text("keep me")
+    message = run_distributed(_save_over_non_checkpoint, 2, str(tmp_path / "notes"))
+    assert "saving" in message and "is not a checkpoint (no index.json); refusing to replace it" in message
+    assert (tmp_path / "notes" / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"], "the unfinished save is cleaned up"
