@@ -29,7 +29,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt.configs import CONFIGS, config_by_name
-from dtensor_gpt.model import GPT, GPTConfig
+from dtensor_gpt.model import GPT, GPTConfig, KVCache
 from dtensor_gpt.parallelize import check_divisible, parallelize
 from plans import PLANS
 from plans.spd import parse_spd_blocks, spd_blocks_from_text
@@ -73,14 +73,14 @@ class _Recorder(CommDebugMode):
         return out
 
 
-def record_collectives(model, idx, targets=None, backward=False):
-    """The collectives of model(idx[, targets]) (and its backward) in issue order."""
+def record_collectives(model, idx, targets=None, backward=False, cache=None):
+    """The collectives of model(idx[, targets][, cache]) (and its backward) in issue order."""
     warnings.filterwarnings("ignore", "Full backward hook is firing")
     recorder = _Recorder()
     lp = loss_parallel() if targets is not None else contextlib.nullcontext()
     grad = contextlib.nullcontext() if backward else torch.no_grad()
     with recorder, lp, grad:
-        logits, loss = model(idx, targets)
+        logits, loss = model(idx, targets, cache=cache)
         if backward:
             loss.backward()
     if isinstance(logits, AsyncCollectiveTensor):
@@ -158,11 +158,13 @@ def _excess(measured, needed):
     return extra
 
 
-def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, **plan_options):
+def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, **plan_options):
     """
     Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
     process group and return what it communicated, per module and per part of the model,
     next to the plan's minimum. `config` is a GPTConfig or a name from `configs.CONFIGS`.
+    With `decode`, the forward measured is one generated token after a `seq`-token prompt
+    held in a KV cache: the collectives per generated token.
     """
     config = config_by_name(config) if isinstance(config, str) else config
     if plan not in PLANS:
@@ -174,6 +176,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError(f"seq={seq} must be in 1..block_size={config.block_size}")
     if dist.is_initialized():
         raise ValueError("comm_report runs its own fake process group; call it outside a distributed job")
+    if decode and (backward or seq >= config.block_size):
+        raise ValueError("decode measures one generated token: no backward, and seq must leave room in block_size")
     check_divisible(config, tp)
     dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
 
@@ -186,17 +190,25 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
             model = GPT(config)
         parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=backward, **plan_options)
         idx = torch.randint(0, config.vocab_size, (batch, seq))
-        collectives = record_collectives(model, idx, idx if backward else None, backward)
+        cache = None
+        if decode:
+            cache = KVCache(config.n_layer)
+            with torch.no_grad():
+                logits, _ = model(idx, cache=cache)
+            if isinstance(logits, AsyncCollectiveTensor):
+                logits.wait()
+            idx = idx[:, -1:]
+        collectives = record_collectives(model, idx, idx if backward else None, backward, cache)
     finally:
         dist.destroy_process_group()
 
-    tokens = batch * seq
+    tokens = batch * (1 if decode else seq)
     rows = Counter(collectives)
     per_module = [
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
         for c, n in rows.items()
     ]
-    needed = minimum(plan, config, batch, seq, tp, backward, dropped)
+    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped)
     measured = {}
     for c in collectives:
         measured.setdefault(part_of_model(c.module), []).append((c.phase, c.kind, c.message_bytes))
@@ -204,7 +216,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     wire = lambda cs: sum(b * WIRE_FRACTION[k](tp) for _, k, b in cs)
     block_wire = sum(wire(cs) for part, cs in measured.items() if part.startswith("block"))
     return dict(
-        plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward,
+        plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -219,7 +231,8 @@ def format_report(report):
     c = report["config"]
     lines.append(f"plan {report['plan']}, tp={tp}, n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
                  f"vocab={c['vocab_size']}, batch={report['batch']} seq={report['seq']}"
-                 + (", forward + backward" if report["backward"] else ", forward")
+                 + (", forward + backward" if report["backward"] else
+                    ", one generated token (KV cache)" if report["decode"] else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
     for r in sorted(report["collectives"], key=lambda r: (r["phase"] != "forward", r["module"])):
@@ -269,6 +282,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, help="sequence length (default: block_size)")
     parser.add_argument("--backward", action="store_true", help="also run a backward (training step, loss_parallel)")
+    parser.add_argument("--decode", action="store_true", help="measure one generated token after a --seq prompt in a KV cache")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--png", help="draw a bar chart comparing all plans to this file")
     args = parser.parse_args(argv)
@@ -279,7 +293,7 @@ def main(argv=None):
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
         blocks = spd_blocks_from_text(args.spd_blocks)
-        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward)
+        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode)
         options = dict(spd_blocks=blocks) if args.plan == "spd" else {}
         print(format_report(comm_report(args.plan, **common, **options)))
         if args.png:

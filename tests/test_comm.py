@@ -57,3 +57,13 @@ def test_cli_png(tmp_path):
     png = tmp_path / "plans.png"
     assert main(["--tp", "2", "--seq", "8", "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_measures_one_generated_token():
+    r = comm_report("megatron", tp=4, config=small_config(n_layer=3), batch=1, seq=8, decode=True)
+    assert r["decode"] and r["counts"] == {"all_reduce": 7, "all_gather": 1}
+    # per generated token: 7 all-reduces of one (1, 1, C) position, and the gathered (1, V) logits
+    assert r["wire_bytes_per_token"] == pytest.approx(7 * 2 * 3 / 4 * 96 * 4 + 3 / 4 * 96 * 4)
+    assert r["above_minimum"] == {}
+    with pytest.raises(ValueError, match="decode measures one generated token"):
+        comm_report("megatron", tp=2, config=small_config(), decode=True, backward=True, seq=8)
