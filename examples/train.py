@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="continue from a checkpoint --out wrote (at any TP degree, resharded with "
                                     "python -m dtensor_gpt.reshard): model, optimizer, step and data order")
     p.add_argument("--plan", default="megatron", help="megatron, megatron-sp or spd")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel degree: a (dp, tp) mesh, FSDP2 over dp; tp is the rest of the world")
     p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
@@ -61,6 +64,10 @@ def parse_args(argv=None):
         p.error(f"--data {args.data} is not a file")
     if args.resume and not os.path.isdir(args.resume):
         p.error(f"--resume {args.resume} is not a checkpoint directory")
+    if args.dp < 1 or args.batch_size % args.dp:
+        p.error(f"--batch-size {args.batch_size} must split evenly over --dp {args.dp}")
+    if args.dp > 1 and (args.out or args.resume):
+        p.error("--out and --resume take tensor-parallel runs; saving from a --dp run is not supported yet")
     return args
 
 
@@ -75,12 +82,17 @@ def learning_rate(it, args):
 
 
 def build(args, data, mesh):
+    """The model, tensor-parallel over the mesh's "tp" dimension and, with a "dp" one, FSDP2 over it."""
     torch.manual_seed(args.seed)
     config = GPTConfig(block_size=args.block_size, vocab_size=data.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=args.bias)
     model = GPT(config)
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=True, **options)
+    if mesh.ndim == 2:
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -90,16 +102,34 @@ def build(args, data, mesh):
     return model, optimizer
 
 
+class DataParallel:
+    """This rank's rows of a global batch, and means over the data-parallel ranks (none at dp=1)."""
+
+    def __init__(self, mesh):
+        self.group = mesh["dp"].get_group() if mesh.ndim == 2 else None
+        self.size = mesh["dp"].size() if mesh.ndim == 2 else 1
+        self.rank = mesh["dp"].get_local_rank() if mesh.ndim == 2 else 0
+
+    def rows(self, *tensors):
+        return [t.chunk(self.size)[self.rank] for t in tensors]
+
+    def mean(self, loss):
+        value = loss.full_tensor().detach().clone()
+        if self.group is not None:
+            dist.all_reduce(value, group=self.group)
+        return value.item() / self.size
+
+
 @torch.no_grad()
-def estimate_loss(model, data, args, generator):
+def estimate_loss(model, data, args, generator, dp):
     model.eval()
     out = {}
     for split in ("train", "val"):
         losses = []
         for _ in range(args.eval_iters):
-            x, y = data.batch(split, args.batch_size, args.block_size, generator)
+            x, y = dp.rows(*data.batch(split, args.batch_size, args.block_size, generator))
             with loss_parallel():
-                losses.append(model(x, y)[1].full_tensor().item())
+                losses.append(dp.mean(model(x, y)[1]))
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
@@ -107,8 +137,10 @@ def estimate_loss(model, data, args, generator):
 
 def train(args, mesh, say=print):
     """Train; return (model, optimizer, data, state to resume from, [loss per step], last evaluation)."""
-    data = CharData(args.data, pad_to=math.lcm(args.pad_vocab, mesh.size()))
+    tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
+    data = CharData(args.data, pad_to=math.lcm(args.pad_vocab, tp))
     model, optimizer = build(args, data, mesh)
+    dp = DataParallel(mesh)
     batches = torch.Generator().manual_seed(args.seed)
     evals = torch.Generator().manual_seed(args.seed + 1)
     first = 0
@@ -129,12 +161,12 @@ def train(args, mesh, say=print):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(it, args)
         if (it % args.eval_interval == 0 and it > first) or it == 0 or it == args.max_iters:
-            evaluation = estimate_loss(model, data, args, evals)
+            evaluation = estimate_loss(model, data, args, evals, dp)
             say(f"step {it}: train loss {evaluation['train']:.4f}, val loss {evaluation['val']:.4f} "
                 f"({time.time() - start:.0f}s)")
         if it == args.max_iters:
             break
-        x, y = data.batch("train", args.batch_size, args.block_size, batches)
+        x, y = dp.rows(*data.batch("train", args.batch_size, args.block_size, batches))
         with loss_parallel():
             _, loss = model(x, y)
             loss.backward()
@@ -142,13 +174,13 @@ def train(args, mesh, say=print):
             clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.full_tensor().item())
+        losses.append(dp.mean(loss))
         if it % args.log_interval == 0:
             elapsed = time.time() - start
             say(f"iter {it}: loss {losses[-1]:.4f}, lr {learning_rate(it, args):.2e}, "
                 f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
     say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
-        f"final val loss {evaluation['val']:.4f}, plan {args.plan}, tp={mesh.size()}")
+        f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}")
     state = dict(extra={"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters, "chars": data.chars},
                  extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()},
                  vocab_size_unpadded=len(data.chars))
@@ -157,7 +189,11 @@ def train(args, mesh, say=print):
 
 def main():
     args = parse_args()
-    mesh, _ = init_distributed()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % args.dp:
+        raise SystemExit(f"error: --dp {args.dp} does not divide the {world} processes; use a divisor of {world}")
+    shape = (args.dp, world // args.dp) if args.dp > 1 else None
+    mesh, _ = init_distributed(shape, ("dp", "tp") if shape else None)
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     model, optimizer, data, state, _, _ = train(args, mesh, say)
     if args.out:

@@ -24,7 +24,9 @@ def _losses(rank, world_size, plan, *extra):
     from train import parse_args, train
 
     args = parse_args(["--data", str(DATA), "--plan", plan, "--max-iters", "20", *TINY, *extra])
-    model, optimizer, _, state, losses, evaluation = train(args, init_device_mesh("cpu", (world_size,)), say=lambda *a: None)
+    mesh = (init_device_mesh("cpu", (args.dp, world_size // args.dp), mesh_dim_names=("dp", "tp")) if args.dp > 1
+            else init_device_mesh("cpu", (world_size,)))
+    model, optimizer, _, state, losses, evaluation = train(args, mesh, say=lambda *a: None)
     if args.out:
         save_checkpoint(model, args.out, optimizer=optimizer, **state)
     return losses, evaluation
@@ -54,3 +56,12 @@ def test_resume_is_exact_and_works_at_another_degree(tmp_path):
     assert reshard([str(tmp_path / "at10"), str(tmp_path / "at10-tp1"), "--tp", "1"]) == 0
     elsewhere, _ = run_distributed(_losses, 1, "megatron", "--resume", str(tmp_path / "at10-tp1"))
     assert max(abs(a - b) for a, b in zip(elsewhere, straight[10:])) < 1e-4, "resuming at TP=1 follows TP=2"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_dp2_tp2_matches_dp1_tp2_on_the_same_global_batch():
+    tp_only, _ = run_distributed(_losses, 2, "megatron", "--max-iters", "10")
+    two_d, evaluation = run_distributed(_losses, 4, "megatron", "--max-iters", "10", "--dp", "2")
+    assert len(two_d) == 10 and two_d[-1] < two_d[0]
+    worst = max(abs(a - b) for a, b in zip(tp_only, two_d))
+    assert worst < 1e-4, f"dp=2 x tp=2 departs from dp=1 x tp=2 by {worst}"
