@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from distributed import run_distributed  # noqa: E402
 from dtensor_gpt import GPT, GPTConfig  # noqa: E402
-from dtensor_gpt.data import CharData  # noqa: E402
+from dtensor_gpt.data import TextData  # noqa: E402
 
 
 def train(data, steps, seed=1337):
@@ -80,7 +80,7 @@ def main():
     parser.add_argument("--png")
     args = parser.parse_args()
 
-    data = CharData(args.data, pad_to=4)
+    data = TextData(args.data, pad_to=4)
     if args.model:
         state = torch.load(args.model, weights_only=True)
     else:

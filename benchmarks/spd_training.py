@@ -32,7 +32,7 @@ def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
     from torch.distributed.device_mesh import init_device_mesh
 
     from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
-    from dtensor_gpt.data import CharData
+    from dtensor_gpt.data import TextData
 
     with open(os.path.join(path, "index.json")) as f:
         config = GPTConfig(**json.load(f)["config"])
@@ -40,7 +40,7 @@ def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
     options = dict(spd_blocks=spd_blocks) if plan == "spd" else {}
     parallelize(model, init_device_mesh("cpu", (world_size,)), plan, **options)
     load_checkpoint(model, path)
-    data = CharData(data_path, pad_to=4)
+    data = TextData(data_path, pad_to=4)
     generator = torch.Generator().manual_seed(0)
     losses = []
     with torch.no_grad():

@@ -10,7 +10,6 @@ GPT-2 BPE through tiktoken (--tokenizer PATH: a .tiktoken ranks file, for offlin
 """
 
 import argparse
-import codecs
 import os
 import sys
 import time
@@ -27,51 +26,10 @@ from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
 from dtensor_gpt.reshard import padded_vocab
 from dtensor_gpt.sources import open_source
+from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "models", "shakespeare_char")
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-class CharTokenizer:
-    def __init__(self, chars):
-        self.chars, self.stoi = chars, {c: i for i, c in enumerate(chars)}
-
-    def encode(self, text):
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            raise ValueError(f"--prompt has characters {unknown} that the model's vocabulary lacks")
-        return [self.stoi[c] for c in text]
-
-    def stream_decoder(self):
-        return lambda token: self.chars[token] if token < len(self.chars) else ""
-
-
-class BPETokenizer:
-    """GPT-2's byte-pair encoding through tiktoken, from a local ranks file or tiktoken's cache."""
-
-    def __init__(self, path):
-        import tiktoken
-
-        if path:
-            from tiktoken.load import load_tiktoken_bpe
-
-            ranks = load_tiktoken_bpe(path)
-            self.enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                         special_tokens={"<|endoftext|>": len(ranks)})
-        else:
-            try:
-                self.enc = tiktoken.get_encoding("gpt2")
-            except Exception as e:
-                raise ValueError(f"the GPT-2 tokenizer could not be loaded ({e}); pass --tokenizer PATH to a "
-                                 f"gpt2.tiktoken ranks file") from None
-
-    def encode(self, text):
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
-
-    def stream_decoder(self):
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda token: utf8.decode(self.enc.decode_single_token_bytes(token))
 
 
 def parse_args(argv=None):

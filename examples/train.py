@@ -21,8 +21,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
-from dtensor_gpt.data import CharData
+from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
+from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer
 from dtensor_gpt.launch import exit_distributed, init_distributed
 from plans.spd import spd_blocks_from_text
 
@@ -30,6 +31,8 @@ from plans.spd import spd_blocks_from_text
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a text file; first 90%% train, last 10%% validation")
+    p.add_argument("--tokenizer", default="char",
+                   help="char (vocabulary from the file), gpt2 (GPT-2 BPE via tiktoken), or a .tiktoken ranks file")
     p.add_argument("--out", help="save the final checkpoint (model, optimizer, step, vocabulary) here")
     p.add_argument("--resume", help="continue from a checkpoint --out wrote (at any TP degree, resharded with "
                                     "python -m dtensor_gpt.reshard): model, optimizer, step and data order")
@@ -138,7 +141,11 @@ def estimate_loss(model, data, args, generator, dp):
 def train(args, mesh, say=print):
     """Train; return (model, optimizer, data, state to resume from, [loss per step], last evaluation)."""
     tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
-    data = CharData(args.data, pad_to=math.lcm(args.pad_vocab, tp))
+    if args.tokenizer == "char":
+        data = TextData(args.data, pad_to=math.lcm(args.pad_vocab, tp))
+    else:  # GPT-2's 50257 tokens padded as nanoGPT does (50304 for TP up to 4)
+        bpe = BPETokenizer(None if args.tokenizer == "gpt2" else args.tokenizer)
+        data = TextData(args.data, bpe, pad_to=math.lcm(64, args.pad_vocab, tp))
     model, optimizer = build(args, data, mesh)
     dp = DataParallel(mesh)
     batches = torch.Generator().manual_seed(args.seed)
@@ -181,9 +188,11 @@ def train(args, mesh, say=print):
                 f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
     say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
         f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}")
-    state = dict(extra={"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters, "chars": data.chars},
-                 extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()},
-                 vocab_size_unpadded=len(data.chars))
+    extra = {"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters}
+    if isinstance(data.tokenizer, CharTokenizer):
+        extra["chars"] = data.tokenizer.chars
+    state = dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()},
+                 vocab_size_unpadded=data.tokenizer.vocab_size)
     return model, optimizer, data, state, losses, evaluation
 
 

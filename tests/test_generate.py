@@ -74,9 +74,30 @@ def test_generate_runs_with_no_arguments():
     (1, ["--checkpoint", "/nonexistent/ckpt"], "error: --checkpoint /nonexistent/ckpt does not exist"),
     (3, [], "error: n_head=4 is not divisible by tp=3; use tp in {1, 2, 4}"),
     (1, ["--prompt", "x" * 64], "error: --prompt is 64 tokens; the model's block_size is 64"),
-    (1, ["--prompt", "ROMEO: \u00e9"], "error: --prompt has characters ['\u00e9'] that the model's vocabulary lacks"),
+    (1, ["--prompt", "ROMEO: \u00e9"], "error: characters ['\u00e9'] are not in the model's vocabulary"),
 ])
 def test_bad_arguments(nproc, args, message):
     r = run_generate(nproc, *args)
     assert r.returncode != 0
     assert message in r.stderr
+
+
+TIKTOKEN = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
+DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.skipif(not (TIKTOKEN.exists() and DATA.exists()), reason="needs ../shared/data")
+def test_gpt2_bpe_train_then_generate_offline(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             str(ROOT / "examples" / "train.py"), "--data", str(DATA), "--tokenizer", str(TIKTOKEN),
+             "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-iters", "4",
+             "--warmup-iters", "1", "--eval-interval", "4", "--eval-iters", "1", "--out", str(tmp_path / "bpe")]
+    r = subprocess.run(train, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    index = (tmp_path / "bpe" / "index.json").read_text()
+    assert '"vocab_size": 50304' in index and '"vocab_size_unpadded": 50257' in index
+    g = run_generate(2, "--checkpoint", str(tmp_path / "bpe"), "--tokenizer", str(TIKTOKEN),
+                     "--prompt", "To be, or not", "--max-new-tokens", "5")
+    assert g.returncode == 0, g.stderr[-2000:]
+    assert g.stdout.startswith("To be, or not") and "5 tokens in" in g.stdout
