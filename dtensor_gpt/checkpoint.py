@@ -23,6 +23,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from dtensor_gpt import layout
@@ -201,20 +202,24 @@ def read_ranges(ckpt, name, dim, ranges, available):
     return torch.cat(pieces, dim)
 
 
+def _resharded(model):
+    """FSDP2 leaves the root's parameters gathered after a forward; checkpoints need the shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 def _tp_rank(model):
-    """(rank, TP degree) from the model's DTensor parameters; (0, 1) for a plain model."""
-    meshes = {p.device_mesh for p in model.parameters() if isinstance(p, DTensor)}
-    if not meshes:
-        return 0, 1
-    if len(meshes) > 1:
-        raise ValueError("the model's parameters live on different meshes; save_checkpoint needs one TP mesh")
-    mesh = meshes.pop()
-    if mesh.ndim != 1 or (dist.is_initialized() and dist.get_world_size() != mesh.size()):
-        raise ValueError(
-            f"save_checkpoint writes tensor-parallel jobs (the TP mesh is the whole world); this mesh is "
-            f"{mesh.ndim}-D of size {mesh.size()} in a world of {dist.get_world_size()}"
-        )
-    return mesh.get_local_rank(), mesh.size()
+    """(TP rank, TP degree, whether this rank writes) from the model's DTensor parameters."""
+    dtensors = [p for p in model.parameters() if isinstance(p, DTensor)]
+    if not dtensors:
+        return 0, 1, not dist.is_initialized() or dist.get_rank() == 0
+    sharded = [p for p in dtensors if layout.split_of(p) is not None] or dtensors
+    rank, parts = layout.tp_rank(sharded[0])
+    dims = layout.mesh_dims(dtensors[0])
+    first_replica = "dp" not in dims or dtensors[0].device_mesh.get_local_rank(dims["dp"][0]) == 0
+    return rank, parts, first_replica  # data-parallel replicas of a TP shard: the first one writes
 
 
 def unique_parameters(model):
@@ -258,17 +263,18 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     random generator states) carry whatever else a run needs to resume exactly;
     `vocab_size_unpadded` is how many vocabulary rows are real (the rest is TP padding).
     """
-    rank, parts = _tp_rank(model)
+    rank, parts, writer = _tp_rank(_resharded(model))
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
     named, tied = _named_tensors(model, optimizer, extra_tensors, parts)
-    distributed = parts > 1
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
     ident = [uuid.uuid4().hex]
     if distributed:
         dist.broadcast_object_list(ident, src=0)
     ident = ident[0]
     tmp = temporary_beside(path, ident[:12])
-    if rank == 0:
+    first = writer and rank == 0  # one process creates, indexes and publishes
+    if first:
         os.makedirs(tmp)
     if distributed:
         dist.barrier()
@@ -276,23 +282,24 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     tensors, mine = {}, []
     for name, (t, split) in sorted(named.items()):
         sharded = parts > 1 and split is not None
-        local = t.to_local() if isinstance(t, DTensor) else t.detach()
+        local = layout.tp_local(t)  # every rank takes part: gathering FSDP shards is collective
         files = [rank_file(r, parts) for r in range(parts)] if sharded else [rank_file(0, parts)]
         tensors[name] = dict(shape=list(t.shape), dtype=DTYPES[t.dtype], split=split, files=files)
-        if sharded or rank == 0:
+        if writer and (sharded or rank == 0):
             mine.append((name, local))
-    fname = rank_file(rank, parts)
-    meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts)
-    with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as writer:
-        for n, t in mine:
-            writer.write(n, t)
-    digest = {fname: dict(sha256=sha256(os.path.join(tmp, fname)), bytes=os.path.getsize(os.path.join(tmp, fname)))}
-    digests = [None] * parts
+    digest = {}
+    if writer:
+        fname = rank_file(rank, parts)
+        meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts)
+        with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as out:
+            for n, t in mine:
+                out.write(n, t)
+        digest = {fname: dict(sha256=sha256(os.path.join(tmp, fname)), bytes=os.path.getsize(os.path.join(tmp, fname)))}
+    digests = [digest]
     if distributed:
+        digests = [None] * dist.get_world_size()
         dist.all_gather_object(digests, digest)
-    else:
-        digests = [digest]
-    if rank == 0:
+    if first:
         config = asdict(model.config)
         index = dict(
             format=FORMAT, id=ident, config=config, tp=parts, plan=plan or _plan_of(model),
@@ -302,7 +309,7 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         if extra:
             index["extra"] = extra
     failure = [None]
-    if rank == 0:
+    if first:
         try:
             write_index(tmp, index)
             publish(tmp, path, overwrite)
@@ -322,20 +329,24 @@ def _plan_of(model):
 
 
 def _read_into(ckpt, name, target, available=None):
-    """Fill `target` (a DTensor: only this rank's shard) from checkpoint tensor `name`."""
+    """Fill `target` from checkpoint tensor `name`: a DTensor gets only this rank's shard."""
     local = target.to_local() if isinstance(target, DTensor) else target
-    split = layout.split_of(target)
     if target.dim() == 0:
         local.copy_(ckpt.read_full(name))
         return
+    split = layout.split_of(target)
     if split is None:
         dim, ranges = 0, [(0, target.shape[0])]
     else:
-        rank, parts = target.device_mesh.get_local_rank(), target.device_mesh.size()
+        rank, parts = layout.tp_rank(target)
         dim, ranges = split["dim"], layout.intervals(target.shape[split["dim"]], split, parts, rank)
     if available is None or dim != 0:
         available = target.shape[dim]
-    local.copy_(read_ranges(ckpt, name, dim, ranges, available))
+    values = read_ranges(ckpt, name, dim, ranges, available)
+    dp = layout.dp_shard(target)
+    if dp is not None:  # FSDP2 keeps chunk `rank` of dim 0 of the TP shard
+        values = values.chunk(dp[1], dim=0)[dp[0]]
+    local.copy_(values)
 
 
 def load_checkpoint(model, path, verify=False, optimizer=None):
@@ -349,7 +360,7 @@ def load_checkpoint(model, path, verify=False, optimizer=None):
     from dtensor_gpt.sources import open_source
 
     ckpt = open_source(path, verify)
-    params, tied = unique_parameters(model)
+    params, tied = unique_parameters(_resharded(model))
     for field in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
         have, want = getattr(model.config, field), ckpt.config[field]
         if have != want:

@@ -9,6 +9,8 @@ the split of every tensor, so any TP degree can read any other's files.
 
 import re
 
+import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -33,23 +35,68 @@ def canonical_split(name):
     return None
 
 
+def mesh_dims(param):
+    """{"tp": (mesh dim, placement), "dp": ...} of a DTensor; an unnamed 1-D mesh is the TP mesh."""
+    mesh = param.device_mesh
+    names = mesh.mesh_dim_names or (("tp",) if mesh.ndim == 1 else ())
+    if len(names) != mesh.ndim or not set(names) <= {"dp", "tp"}:
+        raise ValueError(f"checkpoints know meshes with dimensions 'dp' and 'tp', not {mesh.mesh_dim_names}")
+    return {name: (i, param.placements[i]) for i, name in enumerate(names)}
+
+
 def split_of(param):
-    """The split a parameter actually has: from its DTensor placement, or None if plain."""
+    """The TP split a parameter actually has (from its placement on the "tp" mesh dim), or None."""
     if not isinstance(param, DTensor):
         return None
-    tp = [p for p in param.placements if not isinstance(p, Replicate)]
-    if not tp:
+    _, tp = mesh_dims(param).get("tp", (None, Replicate()))
+    if isinstance(tp, Replicate):
         return None
-    if len(tp) > 1 or param.device_mesh.ndim != 1:
-        raise ValueError(
-            f"a parameter placed {param.placements} on a {param.device_mesh.ndim}-D mesh is not a "
-            f"tensor-parallel shard; checkpoints hold TP-sharded or replicated tensors"
-        )
-    if isinstance(tp[0], _StridedShard):
-        return {"dim": tp[0].dim, "groups": tp[0].split_factor}
-    if isinstance(tp[0], Shard):
-        return {"dim": tp[0].dim, "groups": 1}
+    if isinstance(tp, _StridedShard):
+        return {"dim": tp.dim, "groups": tp.split_factor}
+    if isinstance(tp, Shard):
+        return {"dim": tp.dim, "groups": 1}
     raise ValueError(f"cannot save a parameter placed {param.placements}")
+
+
+def tp_rank(param):
+    """(rank, degree) of this process on the parameter's TP mesh dim; (0, 1) without one."""
+    dims = mesh_dims(param)
+    if "tp" not in dims:
+        return 0, 1
+    mesh, i = param.device_mesh, dims["tp"][0]
+    return mesh.get_local_rank(i), mesh.size(i)
+
+
+def dp_shard(param):
+    """(rank, degree) of the data-parallel (FSDP) dim-0 sharding, or None."""
+    dims = mesh_dims(param) if isinstance(param, DTensor) else {}
+    if "dp" not in dims or isinstance(dims["dp"][1], Replicate):
+        return None
+    mesh, i = param.device_mesh, dims["dp"][0]
+    return mesh.get_local_rank(i), mesh.size(i)
+
+
+def tp_local(param):
+    """
+    This rank's TP shard of a parameter, gathered over its data-parallel (FSDP2) shards:
+    FSDP2 keeps chunk d of dim 0 of the TP shard on data-parallel rank d. (DTensor's own
+    redistribute of such nested strided placements returns the whole tensor in torch 2.13.)
+    """
+    if not isinstance(param, DTensor):
+        return param.detach()
+    local = param.to_local()
+    dp = dp_shard(param)
+    if dp is None:
+        return local
+    split, (_, tp) = split_of(param), tp_rank(param)
+    rows = param.shape[0] // tp if split is not None and split["dim"] == 0 else param.shape[0]
+    sizes = [len(c) for c in torch.arange(rows).chunk(dp[1])]
+    padded = local.new_zeros((max(sizes),) + tuple(local.shape[1:]))
+    padded[: local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    mesh, i = param.device_mesh, mesh_dims(param)["dp"][0]
+    dist.all_gather(pieces, padded, group=mesh.get_group(i))
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
 
 
 def local_shape(shape, split, parts):

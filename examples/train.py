@@ -69,8 +69,6 @@ def parse_args(argv=None):
         p.error(f"--resume {args.resume} is not a checkpoint directory")
     if args.dp < 1 or args.batch_size % args.dp:
         p.error(f"--batch-size {args.batch_size} must split evenly over --dp {args.dp}")
-    if args.dp > 1 and (args.out or args.resume):
-        p.error("--out and --resume take tensor-parallel runs; saving from a --dp run is not supported yet")
     return args
 
 

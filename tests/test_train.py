@@ -59,9 +59,14 @@ def test_resume_is_exact_and_works_at_another_degree(tmp_path):
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
-def test_dp2_tp2_matches_dp1_tp2_on_the_same_global_batch():
-    tp_only, _ = run_distributed(_losses, 2, "megatron", "--max-iters", "10")
-    two_d, evaluation = run_distributed(_losses, 4, "megatron", "--max-iters", "10", "--dp", "2")
-    assert len(two_d) == 10 and two_d[-1] < two_d[0]
-    worst = max(abs(a - b) for a, b in zip(tp_only, two_d))
-    assert worst < 1e-4, f"dp=2 x tp=2 departs from dp=1 x tp=2 by {worst}"
+def test_dp_tp_run_follows_tp_saves_and_resumes(tmp_path):
+    """dp=2 x tp=2 on 4 processes against dp=1 x tp=2 on the same global batches."""
+    straight, _ = run_distributed(_losses, 4, "megatron", "--dp", "2")
+    tp_only, _ = run_distributed(_losses, 2, "megatron")
+    assert len(straight) == 20 and straight[-1] < straight[0] - 0.5
+    assert max(abs(a - b) for a, b in zip(straight, tp_only)) < 1e-4, "dp=2 x tp=2 departs from dp=1 x tp=2"
+    run_distributed(_losses, 4, "megatron", "--dp", "2", "--max-iters", "10", "--out", str(tmp_path / "at10"))
+    resumed, _ = run_distributed(_losses, 4, "megatron", "--dp", "2", "--resume", str(tmp_path / "at10"))
+    assert max(abs(a - b) for a, b in zip(resumed, straight[10:])) < 1e-6, "a dp x tp run resumes exactly"
+    tp_only, _ = run_distributed(_losses, 2, "megatron", "--resume", str(tmp_path / "at10"))
+    assert max(abs(a - b) for a, b in zip(tp_only, straight[10:])) < 1e-4, "and continues at dp=1"
