@@ -4,17 +4,19 @@ Loss of Sync-Point Drop against the number of dropped blocks, at TP=2 and 4, on 
     python benchmarks/spd_sweep.py --data ../shared/data/tinyshakespeare.txt [--png spd_sweep.png]
 
 Trains nanoGPT's CPU shakespeare_char model (n_layer=4, n_head=4, n_embd=128, block_size=64,
-batch 12, lr 1e-3 -> 1e-4 over 2000 steps, dropout 0) on one process, or loads it from --model.
+batch 12, lr 1e-3 -> 1e-4 over 2000 steps, dropout 0, with biases) with examples/train.py on
+one process, unless --model already holds it.
 Then, for each TP degree over spawned gloo processes: ranks the blocks by the paper's
 block-wise sensitivity on a calibration batch (training data), and measures validation loss
 with the K least sensitive blocks dropped, K = 0..n_layer, on fixed validation batches.
 """
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
-import time
 
 import torch
 
@@ -26,38 +28,15 @@ from dtensor_gpt import GPT, GPTConfig  # noqa: E402
 from dtensor_gpt.data import TextData  # noqa: E402
 
 
-def train(data, steps, seed=1337):
-    """nanoGPT's train_shakespeare_char.py with its CPU settings, on one process."""
-    torch.manual_seed(seed)
-    config = GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    start = time.time()
-    for step in range(steps):
-        lr = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * min(step, steps) / steps)) if step >= 100 else 1e-3 * (step + 1) / 100
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = data.batch("train", 12, 64, generator)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 250 == 0 or step == steps - 1:
-            print(f"step {step}: train loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
-    return model
-
-
-def _sweep(rank, world_size, state, config, calibration, batches):
+def _sweep(rank, world_size, path, config, calibration, batches):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dtensor_gpt import parallelize
+    from dtensor_gpt import load_checkpoint, parallelize
     from dtensor_gpt.spd import block_sensitivity
 
     def fresh():
         model = GPT(config)
-        model.load_state_dict(state)
+        load_checkpoint(model, path)
         return model
 
     mesh = init_device_mesh("cpu", (world_size,))
@@ -75,25 +54,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="tinyshakespeare.txt")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--model", help="a state dict saved by an earlier run (skips training)")
-    parser.add_argument("--save", default=os.path.join(HERE, "out", "shakespeare_char.pt"))
+    parser.add_argument("--model", default=os.path.join(HERE, "out", "shakespeare_char"),
+                        help="the trained checkpoint; examples/train.py writes it there first if it is missing")
     parser.add_argument("--png")
     args = parser.parse_args()
 
     data = TextData(args.data, pad_to=4)
-    if args.model:
-        state = torch.load(args.model, weights_only=True)
-    else:
-        state = train(data, args.steps).state_dict()
-        os.makedirs(os.path.dirname(args.save), exist_ok=True)
-        torch.save(state, args.save)
-        print(f"saved {args.save}")
-    config = GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=4, n_head=4, n_embd=128)
+    if not os.path.exists(args.model):
+        subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "train.py"), "--data", args.data,
+                        "--bias", "--max-iters", str(args.steps), "--out", args.model], check=True)
+    with open(os.path.join(args.model, "index.json")) as f:
+        config = GPTConfig(**json.load(f)["config"])
     generator = torch.Generator().manual_seed(0)
     calibration = torch.cat(data.batch("train", 12, 64, generator), 1)[:, :65]
     batches = [data.batch("val", 12, 64, generator) for _ in range(20)]
 
-    results = {tp: run_distributed(_sweep, tp, state, config, calibration, batches) for tp in (2, 4)}
+    results = {tp: run_distributed(_sweep, tp, args.model, config, calibration, batches) for tp in (2, 4)}
     L = config.n_layer
     print("\n| dropped blocks | all-reduces per forward (blocks) | " + " | ".join(
         f"TP={tp} val loss (ppl)" for tp in results) + " |")
