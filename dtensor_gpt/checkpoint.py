@@ -16,7 +16,10 @@ using anything, and each rank reads only the byte ranges of its own shards
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import uuid
 from dataclasses import asdict
 
@@ -57,9 +60,44 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def temporary_beside(path, tag):
-    parent = os.path.dirname(os.path.abspath(path))
-    return os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{tag}")
+def temporary_beside(path):
+    """A fresh directory name beside `path`, naming the process that writes it (see `clean_stale_temporaries`)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.tmp-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(path):
+    """
+    Remove what a killed save or conversion to `path` left beside it. Only directories of
+    processes on this host that no longer run are touched; a previous checkpoint moved aside
+    (`.old`) by a save killed in the middle of replacing it is put back if `path` is missing.
+    Each action is reported on stderr.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{name}.tmp-") + r"(\d+)@(.+)-[0-9a-f]{8}(\.old)?$")
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = pattern.match(entry)
+        if not match or match.group(2) != socket.gethostname() or _alive(int(match.group(1))):
+            continue
+        stale = os.path.join(parent, entry)
+        if match.group(3) and not os.path.exists(path):
+            os.rename(stale, path)
+            print(f"note: restored {path} from {stale}, moved aside by a save that was killed (pid {match.group(1)})",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(stale)
+            print(f"note: removed {stale}, left by a save or conversion that was killed (pid {match.group(1)})",
+                  file=sys.stderr)
 
 
 def publish(tmp, path, overwrite):
@@ -264,16 +302,19 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     `vocab_size_unpadded` is how many vocabulary rows are real (the rest is TP padding).
     """
     rank, parts, writer = _tp_rank(_resharded(model))
+    first = writer and rank == 0  # one process cleans up, creates, indexes and publishes
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if first:
+        clean_stale_temporaries(path)
+    if distributed:
+        dist.barrier()
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
     named, tied = _named_tensors(model, optimizer, extra_tensors, parts)
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    ident = [uuid.uuid4().hex]
+    names = [uuid.uuid4().hex, temporary_beside(path)]
     if distributed:
-        dist.broadcast_object_list(ident, src=0)
-    ident = ident[0]
-    tmp = temporary_beside(path, ident[:12])
-    first = writer and rank == 0  # one process creates, indexes and publishes
+        dist.broadcast_object_list(names, src=0)
+    ident, tmp = names
     if first:
         os.makedirs(tmp)
     if distributed:

@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import (
 
 from dtensor_gpt import sharding_rules
 from dtensor_gpt.styles import PackedColwiseParallel
-from plans import get_plan
+import plans
 
 
 _plans = weakref.WeakKeyDictionary()
@@ -72,7 +72,7 @@ def matching_modules(model, pattern):
 
 def resolve_plan(model, mesh, plan, options):
     if isinstance(plan, str):
-        styles = get_plan(plan, model, mesh, **options)
+        styles = plans.get_plan(plan, model, mesh, **options)
     elif isinstance(plan, Mapping):
         if options:
             raise ValueError(f"options {sorted(options)} only apply to a named plan, not to a user's mapping")

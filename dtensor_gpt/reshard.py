@@ -25,6 +25,7 @@ from dtensor_gpt import layout
 from dtensor_gpt.checkpoint import (
     FORMAT,
     CheckpointError,
+    clean_stale_temporaries,
     publish,
     rank_file,
     read_ranges,
@@ -159,6 +160,7 @@ def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=Fal
     """The converter as a function; returns the source (for reporting)."""
     if os.path.abspath(src) == os.path.abspath(dst):
         raise CheckpointError("SRC and DST are the same path; write to a new directory")
+    clean_stale_temporaries(dst)
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
     if not isinstance(tp, int) or tp < 1:
@@ -167,7 +169,7 @@ def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=Fal
     if getattr(source, "activation", "gelu") != "gelu":
         print(f"note: {src} uses {source.activation} (tanh-approximated GELU); this GPT uses the exact GELU, "
               f"as nanoGPT does, so its logits differ slightly from the original's", file=sys.stderr)
-    tmp = temporary_beside(dst, uuid.uuid4().hex[:12])
+    tmp = temporary_beside(dst)
     try:
         write_hf(source, tmp, dtype) if to == "hf" else write_native(source, tmp, tp, dtype)
         publish(tmp, dst, overwrite)

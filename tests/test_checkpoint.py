@@ -4,6 +4,7 @@ import filecmp
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -263,7 +264,7 @@ def test_bf16_conversion(saved, tmp_path):
     assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, reference.transformer.h[1].mlp.c_fc.weight.to(torch.bfloat16))
 
 
-def test_killed_conversion_leaves_no_destination(tmp_path):
+def test_killed_conversion_leaves_no_destination(tmp_path, capsys):
     torch.manual_seed(0)
     save_checkpoint(GPT(GPTConfig(n_layer=24, n_head=8, n_embd=512, vocab_size=256, block_size=64)), str(tmp_path / "big"))
     proc = subprocess.Popen([sys.executable, "-m", "dtensor_gpt.reshard", str(tmp_path / "big"), str(tmp_path / "out"), "--tp", "4"])
@@ -274,6 +275,25 @@ def test_killed_conversion_leaves_no_destination(tmp_path):
     proc.wait()
     assert not (tmp_path / "out").exists(), "a killed conversion must not leave a destination"
     assert reshard([str(tmp_path / "big"), str(tmp_path / "out"), "--tp", "4"]) == 0  # a rerun succeeds
+    assert f"left by a save or conversion that was killed (pid {proc.pid})" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out"], "the rerun removes the killed one's files"
+
+
+def test_save_killed_while_replacing_is_restored(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    save_checkpoint(model, str(tmp_path / "ckpt"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".ckpt.tmp-{dead.pid}@{socket.gethostname()}-0123abcd.old"
+    (tmp_path / "ckpt").rename(aside)  # where a save killed between its two renames leaves the old checkpoint
+    with pytest.raises(CheckpointError, match="exists; pass overwrite=True"):
+        save_checkpoint(GPT(small_config()), str(tmp_path / "ckpt"))
+    assert f"restored {tmp_path / 'ckpt'}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    restored = GPT(small_config())
+    load_checkpoint(restored, str(tmp_path / "ckpt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
 
 
 def _save_over_non_checkpoint(rank, world_size, path):

@@ -98,3 +98,15 @@ def test_users_own_plan(four_ranks):
     parallelize(model, init_device_mesh("cpu", (4,)), plan={"transformer.h.*.mlp.c_fc": ColwiseParallel()})
     assert isinstance(model.transformer.h[1].mlp.c_fc.weight, DTensor)
     assert not isinstance(model.transformer.h[1].mlp.c_proj.weight, DTensor)
+
+
+@pytest.mark.parametrize("first", ["plans", "plans.spd", "dtensor_gpt.styles"])
+def test_any_module_imports_first(first):
+    """A user's own plan starts with `from plans import ...` or the styles; neither may hit an import cycle."""
+    import subprocess
+    import sys
+
+    code = f"import {first}; import dtensor_gpt, plans; print(sorted(plans.PLANS))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['megatron', 'megatron-sp', 'spd']"
