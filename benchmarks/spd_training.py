@@ -1,18 +1,20 @@
 """
 SPD-aware training against zero-shot SPD, 4-layer character model, TP=2 on CPU.
 
-    python benchmarks/spd_training.py --data ../shared/data/tinyshakespeare.txt [--dir benchmarks/out/spd]
+    python benchmarks/spd_training.py --data ../shared/data/tinyshakespeare.txt [--seeds 1337,1,2] [--dir benchmarks/out/spd]
 
 Trains from scratch with examples/train.py (nanoGPT's CPU shakespeare_char settings, 2000
-iterations, torchrun with 2 processes) under `megatron` and under `spd` with the sync point
-dropped in the last half and in all blocks (sync points per forward in the blocks: 2L, 1.5L,
-L), then evaluates every trained model, and the trained megatron model with SPD applied
-zero-shot, on the same 50 validation batches at TP=2.
+iterations, torchrun with 2 processes), once per seed, under `megatron` and under `spd` with
+the sync point dropped in the last half and in all blocks (sync points per forward in the
+blocks: 2L, 1.5L, L). Then evaluates every trained model, and each trained megatron model
+with SPD applied zero-shot, at TP=2 on the whole validation split (every consecutive window,
+so the figures carry no sampling noise; what differs between seeds is training itself).
 """
 
 import argparse
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -40,40 +42,45 @@ def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
     options = dict(spd_blocks=spd_blocks) if plan == "spd" else {}
     parallelize(model, init_device_mesh("cpu", (world_size,)), plan, **options)
     load_checkpoint(model, path)
-    data = TextData(data_path, pad_to=4)
-    generator = torch.Generator().manual_seed(0)
-    losses = []
+    x, y = TextData(data_path, pad_to=4).windows("val", config.block_size)
     with torch.no_grad():
-        for _ in range(50):
-            x, y = data.batch("val", 12, 64, generator)
-            losses.append(model(x, y)[1].item())
-    return sum(losses) / len(losses)
+        total = sum(model(x[i:i + 64], y[i:i + 64])[1].item() * len(x[i:i + 64]) for i in range(0, len(x), 64))
+    return total / len(x)
+
+
+def summary(values):
+    mean = statistics.mean(values)
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{mean:.4f}{spread} ({math.exp(mean):.2f})"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
+    parser.add_argument("--seeds", default="1337,1,2")
     parser.add_argument("--dir", default=os.path.join(HERE, "out", "spd"))
     args = parser.parse_args()
     train = os.path.join(HERE, "..", "examples", "train.py")
-    for name, plan, blocks in RUNS:
-        out = os.path.join(args.dir, name)
-        if not os.path.exists(out):
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", train,
-                            "--data", args.data, "--plan", plan, "--spd-blocks", blocks, "--out", out], check=True)
-    rows = []
-    for name, plan, blocks in RUNS:
-        loss = run_distributed(_evaluate, 2, os.path.join(args.dir, name), plan, blocks, args.data)
-        zero_shot = "" if plan == "megatron" else run_distributed(
-            _evaluate, 2, os.path.join(args.dir, "megatron"), plan, blocks, args.data)
-        syncs = {"megatron": 8, "spd-half": 6, "spd-all": 4}[name]
-        rows.append((name, syncs, loss, zero_shot))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:
+        for name, plan, blocks in RUNS:
+            out = os.path.join(args.dir, f"{name}-seed-{seed}")
+            if not os.path.exists(out):
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                train, "--data", args.data, "--plan", plan, "--spd-blocks", blocks, "--seed", str(seed),
+                                "--out", out], check=True, stdout=subprocess.DEVNULL)
     print("| plan (4 blocks) | all-reduces per forward in blocks | val loss, trained so (ppl) | "
-          "val loss, SPD applied zero-shot to the megatron model (ppl) |")
-    print("|---|---|---|---|")
-    for name, syncs, loss, zero in rows:
-        zs = f"{zero:.4f} ({math.exp(zero):.2f})" if zero != "" else "—"
-        print(f"| {name} | {syncs} | {loss:.4f} ({math.exp(loss):.2f}) | {zs} |")
+          "val loss, SPD applied zero-shot to the megatron model (ppl) | per seed " + ", ".join(map(str, seeds)) + " |")
+    print("|---|---|---|---|---|")
+    for name, plan, blocks in RUNS:
+        trained = [run_distributed(_evaluate, 2, os.path.join(args.dir, f"{name}-seed-{seed}"), plan, blocks, args.data)
+                   for seed in seeds]
+        zero_shot = [run_distributed(_evaluate, 2, os.path.join(args.dir, f"megatron-seed-{seed}"), plan, blocks,
+                                     args.data) for seed in seeds] if plan != "megatron" else None
+        syncs = {"megatron": 8, "spd-half": 6, "spd-all": 4}[name]
+        each = ", ".join(f"{t:.4f}" + (f" / {z:.4f}" if zero_shot else "") for t, z in zip(trained, zero_shot or trained))
+        print(f"| {name} | {syncs} | {summary(trained)} | {summary(zero_shot) if zero_shot else '—'} | {each} |",
+              flush=True)
 
 
 if __name__ == "__main__":

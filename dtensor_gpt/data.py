@@ -32,3 +32,12 @@ class TextData:
         x = torch.stack([data[i:i + block_size] for i in starts])
         y = torch.stack([data[i + 1:i + 1 + block_size] for i in starts])
         return x, y
+
+    def windows(self, split, block_size):
+        """
+        Every consecutive `block_size` window of a split, in order, as (inputs, targets): the
+        positions random batches sample, each once, so a loss over them has no sampling noise.
+        """
+        data = self.train if split == "train" else self.val
+        n = (len(data) - 1) // block_size
+        return data[:n * block_size].view(n, block_size), data[1:n * block_size + 1].view(n, block_size)

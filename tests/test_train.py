@@ -70,3 +70,27 @@ def test_dp_tp_run_follows_tp_saves_and_resumes(tmp_path):
     assert max(abs(a - b) for a, b in zip(resumed, straight[10:])) < 1e-6, "a dp x tp run resumes exactly"
     tp_only, _ = run_distributed(_losses, 2, "megatron", "--resume", str(tmp_path / "at10"))
     assert max(abs(a - b) for a, b in zip(tp_only, straight[10:])) < 1e-4, "and continues at dp=1"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
+@pytest.mark.parametrize("flag, decayed", [([], {"transformer.wte.weight", "transformer.wpe.weight"}),
+                                            (["--no-embedding-decay"], set())])
+def test_weight_decay_groups(flag, decayed):
+    """nanoGPT decays every matrix; --no-embedding-decay spares wte (= lm_head) and wpe, as nanoGPT did in early 2023."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dtensor_gpt.data import TextData
+    from helpers import fake_process_group
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train import build, parse_args
+
+    args = parse_args(["--data", str(DATA), *TINY, *flag])
+    with fake_process_group(2):
+        model, optimizer = build(args, TextData(str(DATA), pad_to=4), init_device_mesh("cpu", (2,)))
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    blocks = {n for n in names.values() if n.startswith("transformer.h.")}
+    assert groups[0.1] == {n for n in blocks if n.endswith("weight") and "ln_" not in n} | decayed
+    assert groups[0.0] == set(names.values()) - groups[0.1]
+    assert "transformer.wte.weight" in names.values() and "lm_head.weight" not in names.values()

@@ -1,0 +1,76 @@
+"""
+nanoGPT's CPU shakespeare_char anchor at TP=2, over several seeds.
+
+    python benchmarks/anchor.py --data ../shared/data/tinyshakespeare.txt [--seeds 1337,1,2,3,4] [-- --bias]
+
+Runs examples/train.py with its defaults (nanoGPT's settings) under torchrun with 2 processes
+once per seed, and reports for each run the final validation loss as nanoGPT measures it (the
+mean over 20 random batches, which moves by about 0.02 from one draw to the next), the
+wall time, and the loss over the whole validation split read in consecutive 64-character
+windows: the same quantity without sampling noise. Arguments after `--` go to train.py.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+from dtensor_gpt import GPT, GPTConfig, load_checkpoint  # noqa: E402
+from dtensor_gpt.data import TextData  # noqa: E402
+
+
+def whole_split_loss(path, data, block_size, rows=64):
+    """Mean next-character loss over every window of the validation split."""
+    with open(os.path.join(path, "index.json")) as f:
+        model = GPT(GPTConfig(**json.load(f)["config"]))
+    load_checkpoint(model, path)
+    model.eval()
+    x, y = data.windows("val", block_size)
+    with torch.no_grad():
+        total = sum(model(x[i:i + rows], y[i:i + rows])[1].item() * len(x[i:i + rows]) for i in range(0, len(x), rows))
+    return total / len(x)
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--seeds", default="1337,1,2,3,4")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--dir", default=os.path.join(HERE, "out", "anchor"))
+    args = parser.parse_args(argv)
+    train = os.path.join(HERE, "..", "examples", "train.py")
+    data = TextData(args.data, pad_to=4)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        out = os.path.join(args.dir, f"seed-{seed}")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                   train, "--data", args.data, "--seed", str(seed), "--out", out, *extra]
+        log = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        final = re.search(r"trained to iteration \d+ in (\d+)s; final val loss ([\d.]+)", log)
+        seconds, sampled = int(final.group(1)), float(final.group(2))
+        whole = whole_split_loss(out, data, 64)
+        rows.append((seed, sampled, whole, seconds))
+        print(f"seed {seed}: val loss {sampled:.4f} (20 batches), {whole:.4f} (whole split), {seconds} s", flush=True)
+    print(f"\n| seed | val loss, 20 random batches | val loss, whole split | wall time |")
+    print("|---|---|---|---|")
+    for seed, sampled, whole, seconds in rows:
+        print(f"| {seed} | {sampled:.4f} | {whole:.4f} | {seconds} s |")
+    for name, column in (("20 random batches", 1), ("whole split", 2)):
+        values = [row[column] for row in rows]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"{name}: mean {statistics.mean(values):.4f}, sd {spread:.4f}, "
+              f"min {min(values):.4f}, max {max(values):.4f} over {len(values)} seeds")
+
+
+if __name__ == "__main__":
+    main()
