@@ -8,7 +8,7 @@ batch 12, lr 1e-3 -> 1e-4 over 2000 steps, dropout 0, with biases) with examples
 one process, unless --model already holds it.
 Then, for each TP degree over spawned gloo processes: ranks the blocks by the paper's
 block-wise sensitivity on a calibration batch (training data), and measures validation loss
-with the K least sensitive blocks dropped, K = 0..n_layer, on fixed validation batches.
+with the K least sensitive blocks dropped, K = 0..n_layer, on the whole validation split.
 """
 
 import argparse
@@ -46,7 +46,7 @@ def _sweep(rank, world_size, path, config, calibration, batches):
     for k in range(config.n_layer + 1):
         model = parallelize(fresh(), mesh, "spd", spd_blocks=sorted(order[:k]))
         with torch.no_grad():
-            losses.append(sum(model(x, y)[1].item() for x, y in batches) / len(batches))
+            losses.append(sum(model(x, y)[1].item() * len(x) for x, y in batches) / sum(len(x) for x, _ in batches))
     return dict(sensitivity=sensitivity, order=order, losses=losses)
 
 
@@ -67,7 +67,8 @@ def main():
         config = GPTConfig(**json.load(f)["config"])
     generator = torch.Generator().manual_seed(0)
     calibration = torch.cat(data.batch("train", 12, 64, generator), 1)[:, :65]
-    batches = [data.batch("val", 12, 64, generator) for _ in range(20)]
+    x, y = data.windows("val", config.block_size)
+    batches = list(zip(x.split(64), y.split(64)))
 
     results = {tp: run_distributed(_sweep, tp, args.model, config, calibration, batches) for tp in (2, 4)}
     L = config.n_layer
