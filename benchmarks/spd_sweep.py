@@ -90,6 +90,7 @@ def main():
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for tp, r in results.items():
             ax.plot(range(L + 1), r["losses"], marker="o", label=f"TP={tp}")
+        ax.set_xticks(range(L + 1))
         ax.set_xlabel("blocks with the sync point dropped (least sensitive first)")
         ax.set_ylabel("validation loss")
         ax.set_title("Sync-Point Drop on shakespeare_char (4 layers), zero-shot", fontsize=9)
