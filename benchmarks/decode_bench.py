@@ -5,7 +5,8 @@ KV-cache decoding against recompute decoding, GPT-2 124M (random weights), CPU.
 
 TP=1 runs the unparallelized model on 2 threads; TP=2 runs the megatron plan on 2 gloo
 processes of 1 thread each. Each measures the prefill of a `context`-token prompt, then
-`new` greedy tokens with the KV cache and without it (recomputing the whole context each step).
+`new` greedy tokens with the KV cache and without it (recomputing the whole context each step);
+tokens/s counts from the first generated token to the last, without the prompt's forward.
 """
 
 import argparse
@@ -30,14 +31,17 @@ def measure(model, context, new):
         start = time.perf_counter()
         model(prompt, cache=KVCache(len(model.transformer.h)))
         prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        cached = model.generate(prompt, new, top_k=1)
-        with_cache = new / (time.perf_counter() - start)
-        start = time.perf_counter()
-        plain = model.generate(prompt, new, top_k=1, use_cache=False)
-        without = new / (time.perf_counter() - start)
+        cached, with_cache = tokens_per_second(model, prompt, new, use_cache=True)
+        plain, without = tokens_per_second(model, prompt, new, use_cache=False)
     assert torch.equal(cached, plain)
     return prefill, with_cache, without
+
+
+def tokens_per_second(model, prompt, new, use_cache):
+    """Rate from the first generated token to the last, so the prompt's forward is not counted."""
+    stamps = []
+    out = model.generate(prompt, new, top_k=1, use_cache=use_cache, on_token=lambda _: stamps.append(time.perf_counter()))
+    return out, (new - 1) / (stamps[-1] - stamps[0])
 
 
 def _tp(rank, world_size, context, new):

@@ -3,10 +3,11 @@ The plugin's overhead: the DTensor megatron plan against the same forward writte
 
     python benchmarks/overhead_bench.py [--context 512] [--new 32] [--repeats 5]
 
-Both run GPT-2 124M (random weights) at TP=2 on 2 gloo processes with 1 thread each: the
-hand-written one with plain tensors (each rank's q|k|v rows, vocab rows and MLP columns cut
-out by hand) and explicit `all_reduce`/`all_gather`, the same collectives the plan does.
-Prefill: one forward of `context` tokens; decode: `new` greedy tokens with a KV cache.
+Both run GPT-2 124M (random weights) at TP=1 (one process, 2 threads) and at TP=2 (2 gloo
+processes, 1 thread each): the hand-written one with plain tensors (each rank's q|k|v rows,
+vocab rows and MLP columns cut out by hand) and explicit `all_reduce`/`all_gather`, the same
+collectives the plan does (none at TP=1). Prefill: one forward of `context` tokens; decode:
+`new` greedy tokens with a KV cache after that prompt, timed without the prompt's forward.
 The two must produce the same tokens; the ratio of times is the plugin's overhead.
 """
 
@@ -61,7 +62,7 @@ class HandWritten:
         past = self.blocks[0]["k"].size(2) if cache and self.blocks[0]["k"] is not None else 0
         inside = (idx >= self.lo) & (idx < self.hi)
         x = F.embedding((idx - self.lo) * inside, self.wte) * inside.unsqueeze(-1)
-        dist.all_reduce(x)
+        self.reduce(x)
         x = x + self.wpe[past:past + T]
         for b in self.blocks:
             a = F.layer_norm(x, (self.C,), *b["ln1"])
@@ -73,19 +74,27 @@ class HandWritten:
                 b["k"], b["v"] = k, v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=k.size(2) == T)
             y = F.linear(y.transpose(1, 2).reshape(B, T, -1), b["proj_w"])
-            dist.all_reduce(y)
+            self.reduce(y)
             x = x + y + b["proj_b"]
             m = F.linear(F.gelu(F.linear(F.layer_norm(x, (self.C,), *b["ln2"]), b["fc_w"], b["fc_b"])), b["mproj_w"])
-            dist.all_reduce(m)
+            self.reduce(m)
             x = x + m + b["mproj_b"]
         local = F.linear(F.layer_norm(x[:, -1:], (self.C,), *self.ln_f), self.wte)
+        if self.n == 1:
+            return local
         parts = [torch.empty_like(local) for _ in range(self.n)]
         dist.all_gather(parts, local)
         return torch.cat(parts, -1)
 
+    def reduce(self, t):
+        if self.n > 1:
+            dist.all_reduce(t)
+
 
 def _bench(rank, world, context, new, repeats):
     from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(2 // world)
 
     from dtensor_gpt import GPT, parallelize
     from dtensor_gpt.configs import config_by_name
@@ -102,34 +111,46 @@ def _bench(rank, world, context, new, repeats):
         times = []
         for _ in range(repeats):
             dist.barrier()
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            times.append(fn())
         return statistics.median(times)
 
-    def decode_plugin():
-        cache, idx, tokens = KVCache(len(plugin.transformer.h)), prompt, []
-        with torch.no_grad():
-            for _ in range(new):
-                logits, _ = plugin(idx, cache=cache)
-                idx = logits[:, -1:].argmax(-1)
-                tokens.append(idx.item())
-        return tokens
+    def prefill(model):
+        def run():
+            start = time.perf_counter()
+            model(prompt)
+            return time.perf_counter() - start
+        return run
 
-    def decode_hand():
+    def decode_plugin(tokens=None):
+        """Greedy tokens after the prompt; the prompt's own forward (prefill) is not timed."""
+        cache = KVCache(len(plugin.transformer.h))
+        tokens = [] if tokens is None else tokens
+        with torch.no_grad():
+            idx = plugin(prompt, cache=cache)[0][:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new):
+                tokens.append(idx.item())
+                idx = plugin(idx, cache=cache)[0][:, -1:].argmax(-1)
+            return (time.perf_counter() - start) / new
+
+    def decode_hand(tokens=None):
         hand.reset()
-        idx, tokens = prompt, []
+        tokens = [] if tokens is None else tokens
+        idx = hand(prompt, cache=True)[:, -1:].argmax(-1)
+        start = time.perf_counter()
         for _ in range(new):
-            idx = hand(idx, cache=True)[:, -1:].argmax(-1)
             tokens.append(idx.item())
-        return tokens
+            idx = hand(idx, cache=True)[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / new
 
     with torch.no_grad():
         same = (plugin(prompt)[0] - hand(prompt)).abs().max().item()
-    tokens_equal = decode_plugin() == decode_hand()
-    prefill = (timed(lambda: plugin(prompt)), timed(lambda: hand(prompt)))
-    decode = (timed(decode_plugin) / new, timed(decode_hand) / new)
-    return dict(max_logit_difference=same, tokens_equal=tokens_equal, prefill=prefill, decode=decode)
+    ours, theirs = [], []
+    decode_plugin(ours), decode_hand(theirs)
+    tokens_equal = ours == theirs
+    prefill_times = (timed(prefill(plugin)), timed(prefill(hand)))
+    decode = (timed(decode_plugin), timed(decode_hand))
+    return dict(max_logit_difference=same, tokens_equal=tokens_equal, prefill=prefill_times, decode=decode)
 
 
 def main():
@@ -138,15 +159,17 @@ def main():
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    r = run_distributed(_bench, 2, args.context, args.new, args.repeats)
-    print(f"same results: max |logits difference| {r['max_logit_difference']:.1e}, greedy tokens equal: {r['tokens_equal']}")
-    print("| GPT-2 124M, TP=2 | DTensor plugin | hand-written | ratio |")
+    print("| GPT-2 124M | DTensor plugin | hand-written | ratio |")
     print("|---|---|---|---|")
-    print(f"| prefill, {args.context} tokens | {r['prefill'][0] * 1000:.0f} ms | {r['prefill'][1] * 1000:.0f} ms | "
-          f"{r['prefill'][0] / r['prefill'][1]:.2f}x |")
-    print(f"| decode, per token (KV cache) | {r['decode'][0] * 1000:.1f} ms | {r['decode'][1] * 1000:.1f} ms | "
-          f"{r['decode'][0] / r['decode'][1]:.2f}x |")
-
+    for tp in (1, 2):
+        r = run_distributed(_bench, tp, args.context, args.new, args.repeats)
+        assert r["tokens_equal"] and r["max_logit_difference"] < 1e-3, f"TP={tp}: the two forwards disagree: {r}"
+        setting = "TP=1, 2 threads" if tp == 1 else "TP=2, 1 thread per rank"
+        for name, what in (("prefill", f"prefill of {args.context} tokens"),
+                           ("decode", f"decode, per token after {args.context} (KV cache)")):
+            ours, theirs = r[name]
+            print(f"| {setting}: {what} | {ours * 1000:.1f} ms | {theirs * 1000:.1f} ms | {ours / theirs:.2f}x |",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

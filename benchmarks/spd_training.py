@@ -65,7 +65,9 @@ def main():
     for seed in seeds:
         for name, plan, blocks in RUNS:
             out = os.path.join(args.dir, f"{name}-seed-{seed}")
-            if not os.path.exists(out):
+            if os.path.exists(out):
+                print(f"reusing {out} (delete it to train again)", flush=True)
+            else:
                 subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                                 train, "--data", args.data, "--plan", plan, "--spd-blocks", blocks, "--seed", str(seed),
                                 "--out", out], check=True, stdout=subprocess.DEVNULL)

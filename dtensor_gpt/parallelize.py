@@ -155,6 +155,11 @@ def parallelize(model, mesh, plan="megatron", **options):
 
     `plan` is a name from `plans.PLANS` (with its keyword `options`) or a mapping of module
     path patterns to `ParallelStyle`s. Parameters that were tied stay one parameter.
+
+    Over a "tp" dimension of size 1 the plan is checked but nothing is converted: a one-rank
+    shard is the whole tensor, so there is nothing to communicate, and plain tensors skip
+    DTensor's dispatch, which costs 1.6x in GPT-2 124M decoding (torchtitan likewise applies
+    TP only above degree 1).
     """
     tp_mesh = tp_submesh(mesh)
     if isinstance(plan, str) and hasattr(model, "config"):
@@ -162,8 +167,10 @@ def parallelize(model, mesh, plan="megatron", **options):
     styles = resolve_plan(model, tp_mesh, plan, options)
     tied = tied_parameters(model)
     check_ties_covered(model, styles, tied)
+    _plans[model] = plan if isinstance(plan, str) else "custom"
+    if tp_mesh.size() == 1:
+        return model
     sharding_rules.register()
     parallelize_module(model, tp_mesh, styles)
     retie(model, tied)
-    _plans[model] = plan if isinstance(plan, str) else "custom"
     return model

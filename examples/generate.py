@@ -60,6 +60,11 @@ def load_model(args, mesh):
         source.vocab_unpadded, mesh.size())
     config["dropout"] = 0.0
     chars = source.extra.get("chars")
+    if not chars and source.vocab_unpadded < 50257:
+        raise ValueError(f"--checkpoint {args.checkpoint} has a vocabulary of {source.vocab_unpadded} tokens and no "
+                         f"characters saved with it, so it is neither GPT-2's BPE nor a character model this script "
+                         f"can decode (a nanoGPT shakespeare_char ckpt.pt keeps its characters in meta.pkl); "
+                         f"train one with examples/train.py, which saves them")
     tokenizer = CharTokenizer(chars) if chars else BPETokenizer(args.tokenizer)
     torch.manual_seed(0)
     with open(os.devnull, "w") as quiet:
@@ -93,7 +98,9 @@ def main():
         model, tokenizer, vocab = load_model(args, mesh)
         ids = tokenizer.encode(args.prompt)
         if len(ids) + 1 > model.config.block_size:
-            raise ValueError(f"--prompt is {len(ids)} tokens; the model's block_size is {model.config.block_size}")
+            raise ValueError(f"--prompt is {len(ids)} tokens, but the model reads at most block_size="
+                             f"{model.config.block_size}, one of them the first new token; give at most "
+                             f"{model.config.block_size - 1}")
         if not ids:
             raise ValueError("--prompt is empty; give at least one character")
     except (ValueError, CheckpointError) as e:
@@ -111,17 +118,25 @@ def main():
     if rank == 0:
         sys.stdout.write(args.prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    lengths = []  # tokens each forward ran: 1 from the cache, more for the prompt or a recomputed window
+    counting = model.register_forward_pre_hook(lambda _, inputs: lengths.append(inputs[0].size(1)))
     start = time.time()
     model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    use_cache=not args.no_cache, vocab_limit=vocab, generator=generator,
                    on_token=lambda t: show(t[0, 0]))
     seconds = time.time() - start
+    counting.remove()
     comm = collectives_per_token(model, prompt)
     if rank == 0:
         per_token = ", ".join(f"{n} {kind}" for kind, n in sorted(comm.items())) or "none"
+        mode = "no cache"
+        if not args.no_cache:
+            recomputed = sum(n > 1 for n in lengths[1:])
+            mode = "KV cache" if not recomputed else (
+                f"KV cache for {len(lengths) - recomputed} tokens, then {recomputed} each recomputed the last "
+                f"{model.config.block_size} (past block_size the learned positions shift, as in nanoGPT)")
         print(f"\n--- {args.max_new_tokens} tokens in {seconds:.2f}s: {args.max_new_tokens / seconds:.1f} tokens/s; "
-              f"tp={mesh.size()}, plan {args.plan}, {'no cache' if args.no_cache else 'KV cache'}; "
-              f"collectives per generated token: {per_token}")
+              f"tp={mesh.size()}, plan {args.plan}, {mode}; collectives per generated token: {per_token}")
     exit_distributed()
 
 

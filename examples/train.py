@@ -13,11 +13,13 @@ on vocab-sharded logits (`loss_parallel`), and gradient clipping sees DTensor gr
 import argparse
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
@@ -119,7 +121,7 @@ class DataParallel:
         return [t.chunk(self.size)[self.rank] for t in tensors]
 
     def mean(self, loss):
-        value = loss.full_tensor().detach().clone()
+        value = (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().clone()
         if self.group is not None:
             dist.all_reduce(value, group=self.group)
         return value.item() / self.size
@@ -206,7 +208,11 @@ def main():
     shape = (args.dp, world // args.dp) if args.dp > 1 else None
     mesh, _ = init_distributed(shape, ("dp", "tp") if shape else None)
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
-    model, optimizer, data, state, _, _ = train(args, mesh, say)
+    try:
+        model, optimizer, data, state, _, _ = train(args, mesh, say)
+    except ValueError as e:  # bad settings (plan, TP degree, --resume), found alike on every rank
+        say(f"error: {e}", file=sys.stderr)
+        exit_distributed(2)
     if args.out:
         save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **state)
         say(f"saved {args.out}")

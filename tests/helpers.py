@@ -88,7 +88,9 @@ def compare_with_single_device(rank, world_size, config, shape, plan="megatron",
 
     return dict(
         logits=(full(logits) - ref_logits).abs().max().item(),
-        logits_placements=tuple(logits.placements),
+        logits_placements=tuple(getattr(logits, "placements", ())),
+        plain=not any(isinstance(p, DTensor) for p in train.parameters()),
+        collectives=sum(m.get_total_counts() for m in (forward_mode, backward_mode, generate_mode)),
         loss=(full(loss) - ref_loss).abs().item(),
         grads=max_grad_errors(train, reference),
         last=(last - ref_last).abs().max().item(),

@@ -67,19 +67,37 @@ def test_generate_runs_with_no_arguments():
     assert r.returncode == 0, r.stderr[-2000:]
     text, summary = r.stdout.rsplit("\n--- ", 1)
     assert text.startswith("KING HENRY:") and len(text) == len("KING HENRY:") + 80
-    assert "tokens/s; tp=2, plan megatron, KV cache; collectives per generated token: 1 all_gather_into_tensor, 9 all_reduce" in summary
+    # 11 + 80 tokens pass block_size 64: the prompt's forward and 53 cached steps, then whole windows
+    assert "tokens/s; tp=2, plan megatron, KV cache for 54 tokens, then 26 each recomputed the last 64 " in summary
+    assert summary.endswith("collectives per generated token: 1 all_gather_into_tensor, 9 all_reduce\n")
+    shorter = run_generate(1, "--max-new-tokens", "40", "--prompt", "KING HENRY:")
+    assert "tokens/s; tp=1, plan megatron, KV cache; collectives per generated token: none" in shorter.stdout
 
 
 @pytest.mark.parametrize("nproc, args, message", [
     (1, ["--checkpoint", "/nonexistent/ckpt"], "error: --checkpoint /nonexistent/ckpt does not exist"),
     (3, [], "error: n_head=4 is not divisible by tp=3; use tp in {1, 2, 4}"),
-    (1, ["--prompt", "x" * 64], "error: --prompt is 64 tokens; the model's block_size is 64"),
+    (1, ["--prompt", "x" * 64], "error: --prompt is 64 tokens, but the model reads at most block_size=64, one of "
+                                "them the first new token; give at most 63"),
     (1, ["--prompt", "ROMEO: \u00e9"], "error: characters ['\u00e9'] are not in the model's vocabulary"),
 ])
 def test_bad_arguments(nproc, args, message):
     r = run_generate(nproc, *args)
     assert r.returncode != 0
     assert message in r.stderr
+
+
+def test_character_checkpoint_without_its_characters_is_refused(tmp_path):
+    """A nanoGPT shakespeare_char ckpt.pt keeps its vocabulary elsewhere; GPT-2's BPE would print noise."""
+    import torch
+
+    from dtensor_gpt import GPT, GPTConfig
+
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65, bias=False, dropout=0.0)
+    torch.save({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args}, tmp_path / "ckpt.pt")
+    r = run_generate(1, "--checkpoint", str(tmp_path / "ckpt.pt"))
+    assert r.returncode != 0
+    assert "has a vocabulary of 65 tokens and no characters saved with it" in r.stderr, r.stderr[-1000:]
 
 
 TIKTOKEN = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"

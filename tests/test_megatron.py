@@ -32,7 +32,10 @@ def test_megatron_matches_single_device(tp):
     assert r["grads"][worst] < TOL, f"gradient of {worst} differs by {r['grads'][worst]}"
     assert len(r["grads"]) == len(list(GPT(config).parameters()))
     assert r["last_is_plain"], "without loss_parallel the logits come back as a plain replicated tensor"
-    assert r["logits_placements"] == (Shard(2),), "with loss_parallel the logits stay vocab-sharded"
+    if tp == 1:
+        assert r["plain"] and r["logits_placements"] == () and r["collectives"] == 0, "TP=1 converts nothing"
+    else:
+        assert r["logits_placements"] == (Shard(2),), "with loss_parallel the logits stay vocab-sharded"
     assert r["local_bytes"] == expected_local_bytes(config, tp)
     if tp > 1:
         L = config.n_layer

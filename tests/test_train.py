@@ -73,6 +73,15 @@ def test_dp_tp_run_follows_tp_saves_and_resumes(tmp_path):
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_pure_data_parallel_follows_one_process(tmp_path):
+    """dp=2 x tp=1: the plan converts nothing at tp=1 and FSDP2 shards the plain parameters."""
+    single, _ = run_distributed(_losses, 1, "megatron")
+    both, _ = run_distributed(_losses, 2, "megatron", "--dp", "2", "--max-iters", "10", "--out", str(tmp_path / "at10"))
+    resumed, _ = run_distributed(_losses, 2, "megatron", "--dp", "2", "--resume", str(tmp_path / "at10"))
+    assert max(abs(a - b) for a, b in zip(both + resumed, single)) < 1e-4
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
 @pytest.mark.parametrize("flag, decayed", [([], {"transformer.wte.weight", "transformer.wpe.weight"}),
                                             (["--no-embedding-decay"], set())])
 def test_weight_decay_groups(flag, decayed):
@@ -94,3 +103,16 @@ def test_weight_decay_groups(flag, decayed):
     assert groups[0.1] == {n for n in blocks if n.endswith("weight") and "ln_" not in n} | decayed
     assert groups[0.0] == set(names.values()) - groups[0.1]
     assert "transformer.wte.weight" in names.values() and "lm_head.weight" not in names.values()
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_bad_settings_give_one_error_line():
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+           str(ROOT / "examples" / "train.py"), "--data", str(DATA), "--max-iters", "5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("error: n_head=4 is not divisible by tp=3; use tp in {1, 2, 4}") == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr.split("error: n_head")[0], "the script's own error comes without a traceback"
