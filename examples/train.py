@@ -55,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-decay-iters", type=int, help="default: --max-iters")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--no-embedding-decay", dest="embedding_decay", action="store_false",
-                   help="no weight decay on wte (tied to lm_head) and wpe, as nanoGPT did until early 2023 "
-                        "(when it published its 1.88 CPU figure); by default every matrix decays, as nanoGPT does now")
+                   help="no weight decay on wte (tied to lm_head) and wpe, as nanoGPT's earlier optimizer grouping "
+                        "(Linear weights only) did; by default every matrix decays, as nanoGPT does now")
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-interval", type=int, default=250)
