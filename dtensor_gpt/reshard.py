@@ -35,7 +35,7 @@ from dtensor_gpt.checkpoint import (
 )
 from dtensor_gpt.model import GPTConfig
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
-from dtensor_gpt.sources import CONV1D, gpt_names, open_source
+from dtensor_gpt.sources import CONV1D, activation_note, gpt_names, open_source
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -166,9 +166,8 @@ def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=Fal
     if not isinstance(tp, int) or tp < 1:
         raise CheckpointError(f"--tp {tp} must be a positive integer")
     source = open_source(src, verify)
-    if getattr(source, "activation", "gelu") != "gelu":
-        print(f"note: {src} uses {source.activation} (tanh-approximated GELU); this GPT uses the exact GELU, "
-              f"as nanoGPT does, so its logits differ slightly from the original's", file=sys.stderr)
+    if activation_note(source, src):
+        print(activation_note(source, src), file=sys.stderr)
     tmp = temporary_beside(dst)
     try:
         write_hf(source, tmp, dtype) if to == "hf" else write_native(source, tmp, tp, dtype)

@@ -144,3 +144,12 @@ def open_source(path, verify=False):
         f"{path} is neither a checkpoint of this project (index.json), a Hugging Face GPT-2 directory "
         f"(config.json + model.safetensors) nor a nanoGPT ckpt.pt"
     )
+
+
+def activation_note(source, path):
+    """What a user should know when weights were trained with another GELU than this model's exact one."""
+    activation = getattr(source, "activation", "gelu")
+    if activation == "gelu":
+        return None
+    return (f"note: {path} uses {activation} (tanh-approximated GELU); this GPT uses the exact GELU, "
+            f"as nanoGPT does, so its logits differ slightly from the original's")

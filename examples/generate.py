@@ -25,7 +25,7 @@ from dtensor_gpt.launch import exit_distributed, init_distributed
 from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
 from dtensor_gpt.reshard import padded_vocab
-from dtensor_gpt.sources import open_source
+from dtensor_gpt.sources import activation_note, open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,6 +55,8 @@ def load_model(args, mesh):
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint} does not exist")
     source = open_source(args.checkpoint)
+    if activation_note(source, args.checkpoint) and dist.get_rank() == 0:
+        print(activation_note(source, args.checkpoint), file=sys.stderr)
     config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__ if f in source.config}
     config["vocab_size"] = config["vocab_size"] if config["vocab_size"] % mesh.size() == 0 else padded_vocab(
         source.vocab_unpadded, mesh.size())

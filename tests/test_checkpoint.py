@@ -313,3 +313,18 @@ def test_failed_save_fails_on_every_rank(tmp_path):
     assert "saving" in message and "is not a checkpoint (no index.json); refusing to replace it" in message
     assert (tmp_path / "notes" / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"], "the unfinished save is cleaned up"
+
+
+def test_tanh_gelu_weights_are_announced(tmp_path, capsys):
+    """GPT-2's own weights use gelu_new; the converter and generate.py both say so (one message)."""
+    transformers = pytest.importorskip("transformers")
+    from dtensor_gpt.sources import activation_note, open_source
+
+    for activation in ("gelu_new", "gelu"):
+        config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=64,
+                                         activation_function=activation)
+        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / activation)
+    assert "uses gelu_new (tanh-approximated GELU)" in activation_note(open_source(str(tmp_path / "gelu_new")), "x")
+    assert activation_note(open_source(str(tmp_path / "gelu")), "x") is None
+    assert reshard([str(tmp_path / "gelu_new"), str(tmp_path / "native")]) == 0
+    assert "uses gelu_new (tanh-approximated GELU)" in capsys.readouterr().err
