@@ -1,7 +1,7 @@
 """
 nanoGPT's CPU shakespeare_char anchor at TP=2, over several seeds.
 
-    python benchmarks/anchor.py --data ../shared/data/tinyshakespeare.txt [--seeds 1337,1,2,3,4] [-- --bias]
+    python benchmarks/anchor.py --data ../shared/data/tinyshakespeare.txt [--seeds 1337,1,2,3,4] [-- --no-bias]
 
 Runs examples/train.py with its defaults (nanoGPT's settings) under torchrun with 2 processes
 once per seed, and reports for each run the final validation loss as nanoGPT measures it (the
