@@ -1,6 +1,7 @@
 """Tokenizers: a character vocabulary, or GPT-2's byte-pair encoding through tiktoken."""
 
 import codecs
+import pickle
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -23,6 +24,24 @@ class CharTokenizer:
 
     def stream_decoder(self):
         return lambda token: self.chars[token] if token < self.vocab_size else ""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Dicts, strings and numbers only: a pickle that names any class or function is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, and a vocabulary holds only strings and integers")
+
+
+def chars_from_meta(path):
+    """The characters of nanoGPT's shakespeare_char `meta.pkl` ({'itos': {id: char}, ...}), in id order."""
+    try:
+        with open(path, "rb") as f:
+            meta = _PlainDataUnpickler(f).load()
+        itos = meta["itos"]
+        return [itos[i] for i in range(len(itos))]
+    except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as e:
+        raise ValueError(f"{path} is not a nanoGPT character meta.pkl ({e})") from None
 
 
 class BPETokenizer:

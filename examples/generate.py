@@ -6,7 +6,8 @@ Generate text with the tensor-parallel GPT, a KV cache, and tokens streamed as t
 With no --checkpoint it uses the small Shakespeare model shipped in examples/models (trained
 by examples/train.py; see its README). --checkpoint also takes a checkpoint of this project
 at any TP degree, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt; GPT-2 weights use the
-GPT-2 BPE through tiktoken (--tokenizer PATH: a .tiktoken ranks file, for offline use).
+GPT-2 BPE through tiktoken (--tokenizer PATH: a .tiktoken ranks file, for offline use, or a
+nanoGPT character checkpoint's meta.pkl).
 """
 
 import argparse
@@ -26,7 +27,7 @@ from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
 from dtensor_gpt.reshard import padded_vocab
 from dtensor_gpt.sources import activation_note, open_source
-from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer
+from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "models", "shakespeare_char")
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=200, help="1 is greedy decoding")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--tokenizer", help="a .tiktoken ranks file for GPT-2 checkpoints (offline use)")
+    p.add_argument("--tokenizer", help="a .tiktoken ranks file for GPT-2 checkpoints (offline use), or the "
+                                       "meta.pkl of a nanoGPT character checkpoint")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
@@ -62,11 +64,15 @@ def load_model(args, mesh):
         source.vocab_unpadded, mesh.size())
     config["dropout"] = 0.0
     chars = source.extra.get("chars")
+    if not chars and args.tokenizer and args.tokenizer.endswith(".pkl"):
+        chars = chars_from_meta(args.tokenizer)
+    if chars and len(chars) != source.vocab_unpadded:
+        raise ValueError(f"the vocabulary has {len(chars)} characters but --checkpoint {args.checkpoint} "
+                         f"has {source.vocab_unpadded} tokens; give the meta.pkl of the run that trained it")
     if not chars and source.vocab_unpadded < 50257:
         raise ValueError(f"--checkpoint {args.checkpoint} has a vocabulary of {source.vocab_unpadded} tokens and no "
-                         f"characters saved with it, so it is neither GPT-2's BPE nor a character model this script "
-                         f"can decode (a nanoGPT shakespeare_char ckpt.pt keeps its characters in meta.pkl); "
-                         f"train one with examples/train.py, which saves them")
+                         f"characters saved with it, so it is not GPT-2's BPE; for a nanoGPT shakespeare_char "
+                         f"ckpt.pt pass its characters with --tokenizer data/shakespeare_char/meta.pkl")
     tokenizer = CharTokenizer(chars) if chars else BPETokenizer(args.tokenizer)
     torch.manual_seed(0)
     with open(os.devnull, "w") as quiet:

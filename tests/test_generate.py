@@ -55,11 +55,11 @@ def test_cache_matches_recompute_past_block_size():
     assert cached.shape == (2, 35) and torch.equal(cached, plain)
 
 
-def run_generate(nproc, *args):
+def run_generate(nproc, *args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / "examples" / "generate.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 def test_generate_runs_with_no_arguments():
@@ -87,17 +87,43 @@ def test_bad_arguments(nproc, args, message):
     assert message in r.stderr
 
 
-def test_character_checkpoint_without_its_characters_is_refused(tmp_path):
-    """A nanoGPT shakespeare_char ckpt.pt keeps its vocabulary elsewhere; GPT-2's BPE would print noise."""
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch evil-ran",)
+
+
+def test_nanogpt_character_checkpoint_with_its_meta_pkl(tmp_path):
+    """A nanoGPT shakespeare_char ckpt.pt keeps its characters in meta.pkl, read without running code."""
+    import pickle
+
     import torch
 
     from dtensor_gpt import GPT, GPTConfig
 
+    chars = [chr(32 + i) for i in range(65)]
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65, bias=False, dropout=0.0)
-    torch.save({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args}, tmp_path / "ckpt.pt")
-    r = run_generate(1, "--checkpoint", str(tmp_path / "ckpt.pt"))
-    assert r.returncode != 0
-    assert "has a vocabulary of 65 tokens and no characters saved with it" in r.stderr, r.stderr[-1000:]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args)).eval()
+    torch.save({"model": model.state_dict(), "model_args": args}, tmp_path / "ckpt.pt")
+    refused = run_generate(1, "--checkpoint", str(tmp_path / "ckpt.pt"))
+    assert refused.returncode != 0
+    assert "has a vocabulary of 65 tokens and no characters saved with it" in refused.stderr, refused.stderr[-1000:]
+
+    meta = dict(vocab_size=65, itos=dict(enumerate(chars)), stoi={c: i for i, c in enumerate(chars)})
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
+    r = run_generate(2, "--checkpoint", str(tmp_path / "ckpt.pt"), "--tokenizer", str(tmp_path / "meta.pkl"),
+                     "--prompt", "ROMEO", "--top-k", "1", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = model.generate(torch.tensor([[chars.index(c) for c in "ROMEO"]]), 8, top_k=1)[0].tolist()
+    assert r.stdout.split("\n--- ")[0] == "".join(chars[i] for i in expected)
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Evil()))
+    evil = run_generate(1, "--checkpoint", str(tmp_path / "ckpt.pt"), "--tokenizer", str(tmp_path / "evil.pkl"),
+                        cwd=tmp_path)
+    assert evil.returncode != 0 and "is not a nanoGPT character meta.pkl (it refers to" in evil.stderr
+    assert not (tmp_path / "evil-ran").exists()
 
 
 TIKTOKEN = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
