@@ -158,7 +158,7 @@ def parallelize(model, mesh, plan="megatron", **options):
 
     Over a "tp" dimension of size 1 the plan is checked but nothing is converted: a one-rank
     shard is the whole tensor, so there is nothing to communicate, and plain tensors skip
-    DTensor's dispatch, which costs 1.6x in GPT-2 124M decoding (torchtitan likewise applies
+    DTensor's per-operation dispatch, which dominates decoding (torchtitan likewise applies
     TP only above degree 1).
     """
     tp_mesh = tp_submesh(mesh)
