@@ -67,12 +67,13 @@ def temporary_beside(path):
 
 
 def _alive(pid):
+    """Whether a process with this id runs here (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
