@@ -18,24 +18,19 @@ import statistics
 import subprocess
 import sys
 
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint  # noqa: E402
-from dtensor_gpt.data import TextData  # noqa: E402
+from dtensor_gpt.data import TextData, mean_loss  # noqa: E402
 
 
-def whole_split_loss(path, data, block_size, rows=64):
+def whole_split_loss(path, data, block_size):
     """Mean next-character loss over every window of the validation split."""
     with open(os.path.join(path, "index.json")) as f:
         model = GPT(GPTConfig(**json.load(f)["config"]))
     load_checkpoint(model, path)
-    model.eval()
-    x, y = data.windows("val", block_size)
-    with torch.no_grad():
-        total = sum(model(x[i:i + rows], y[i:i + rows])[1].item() * len(x[i:i + rows]) for i in range(0, len(x), rows))
-    return total / len(x)
+    return mean_loss(model.eval(), *data.windows("val", block_size))
 
 
 def main():

@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from distributed import run_distributed  # noqa: E402
 from dtensor_gpt import GPT, GPTConfig  # noqa: E402
-from dtensor_gpt.data import TextData  # noqa: E402
+from dtensor_gpt.data import TextData, mean_loss  # noqa: E402
 
 
-def _sweep(rank, world_size, path, config, calibration, batches):
+def _sweep(rank, world_size, path, config, calibration, windows):
     from torch.distributed.device_mesh import init_device_mesh
 
     from dtensor_gpt import load_checkpoint, parallelize
@@ -45,8 +45,7 @@ def _sweep(rank, world_size, path, config, calibration, batches):
     losses = []
     for k in range(config.n_layer + 1):
         model = parallelize(fresh(), mesh, "spd", spd_blocks=sorted(order[:k]))
-        with torch.no_grad():
-            losses.append(sum(model(x, y)[1].item() * len(x) for x, y in batches) / sum(len(x) for x, _ in batches))
+        losses.append(mean_loss(model, *windows))
     return dict(sensitivity=sensitivity, order=order, losses=losses)
 
 
@@ -67,10 +66,8 @@ def main():
         config = GPTConfig(**json.load(f)["config"])
     generator = torch.Generator().manual_seed(0)
     calibration = torch.cat(data.batch("train", 12, 64, generator), 1)[:, :65]
-    x, y = data.windows("val", config.block_size)
-    batches = list(zip(x.split(64), y.split(64)))
 
-    results = {tp: run_distributed(_sweep, tp, args.model, config, calibration, batches) for tp in (2, 4)}
+    results = {tp: run_distributed(_sweep, tp, args.model, config, calibration, data.windows("val", config.block_size)) for tp in (2, 4)}
     L = config.n_layer
     print("\n| dropped blocks | all-reduces per forward (blocks) | " + " | ".join(
         f"TP={tp} val loss (ppl)" for tp in results) + " |")

@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -34,7 +33,7 @@ def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
     from torch.distributed.device_mesh import init_device_mesh
 
     from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
-    from dtensor_gpt.data import TextData
+    from dtensor_gpt.data import TextData, mean_loss
 
     with open(os.path.join(path, "index.json")) as f:
         config = GPTConfig(**json.load(f)["config"])
@@ -42,10 +41,7 @@ def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
     options = dict(spd_blocks=spd_blocks) if plan == "spd" else {}
     parallelize(model, init_device_mesh("cpu", (world_size,)), plan, **options)
     load_checkpoint(model, path)
-    x, y = TextData(data_path, pad_to=4).windows("val", config.block_size)
-    with torch.no_grad():
-        total = sum(model(x[i:i + 64], y[i:i + 64])[1].item() * len(x[i:i + 64]) for i in range(0, len(x), 64))
-    return total / len(x)
+    return mean_loss(model, *TextData(data_path, pad_to=4).windows("val", config.block_size))
 
 
 def summary(values):

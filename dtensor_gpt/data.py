@@ -41,3 +41,10 @@ class TextData:
         data = self.train if split == "train" else self.val
         n = (len(data) - 1) // block_size
         return data[:n * block_size].view(n, block_size), data[1:n * block_size + 1].view(n, block_size)
+
+
+@torch.no_grad()
+def mean_loss(model, inputs, targets, rows=64):
+    """The model's mean loss over (inputs, targets) windows, `rows` windows per forward."""
+    total = sum(model(x, y)[1].item() * len(x) for x, y in zip(inputs.split(rows), targets.split(rows)))
+    return total / len(inputs)

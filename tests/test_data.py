@@ -18,3 +18,16 @@ def test_split_vocabulary_and_windows(tmp_path):
     assert data.tokenizer.decode(y.flatten().tolist()) == text[901:997]
     x, y = data.batch("train", 3, 8, torch.Generator().manual_seed(0))
     assert x.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_mean_loss_weights_every_window_alike():
+    from dtensor_gpt import GPT, GPTConfig
+    from dtensor_gpt.data import mean_loss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11)).eval()
+    x = torch.randint(0, 11, (70, 8), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 11, (70, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = model(x, y)[1].item()
+    assert abs(mean_loss(model, x, y, rows=64) - whole) < 1e-6  # one full chunk and one of 6 windows
