@@ -8,17 +8,16 @@ from dtensor_gpt.tokenizers import CharTokenizer
 class TextData:
     """
     A text file as token ids: first 90% for training, last 10% for validation. Without a
-    tokenizer, the vocabulary is the file's sorted characters. `pad_to` rounds the
-    vocabulary size up so a TP degree divides it; the padding ids never occur in the data.
+    tokenizer, the vocabulary is the file's sorted characters.
     """
 
-    def __init__(self, path, tokenizer=None, pad_to=1):
+    def __init__(self, path, tokenizer=None):
         with open(path, encoding="utf-8") as f:
             text = f.read()
         if not text:
             raise ValueError(f"{path} is empty; give a text file to train on")
         self.tokenizer = tokenizer or CharTokenizer(sorted(set(text)))
-        self.vocab_size = -(-self.tokenizer.vocab_size // pad_to) * pad_to
+        self.vocab_size = self.tokenizer.vocab_size
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         n = int(0.9 * len(ids))
         self.train, self.val = ids[:n], ids[n:]

@@ -3,8 +3,10 @@ How each GPT tensor is split over TP ranks, and which global rows a rank holds.
 
 A split is None (replicated: one copy, in rank 0's file) or {"dim": d, "groups": g}: the
 tensor's dimension d packs g equal parts (3 for c_attn's q|k|v, else 1) and each part is cut
-into TP equal pieces; rank r holds piece r of every part, concatenated. Checkpoints record
-the split of every tensor, so any TP degree can read any other's files.
+into TP pieces as DTensor's `Shard` cuts it (`torch.chunk`: pieces of ceil(size / TP), the
+last ones shorter, so a vocabulary of 65 at TP=4 is 17, 17, 17, 14 rows); rank r holds piece
+r of every part, concatenated. Checkpoints record the split of every tensor, so any TP
+degree can read any other's files.
 """
 
 import re
@@ -88,8 +90,8 @@ def tp_local(param):
     dp = dp_shard(param)
     if dp is None:
         return local
-    split, (_, tp) = split_of(param), tp_rank(param)
-    rows = param.shape[0] // tp if split is not None and split["dim"] == 0 else param.shape[0]
+    split, (rank, tp) = split_of(param), tp_rank(param)
+    rows = local_shape(param.shape, split, tp, rank)[0] if split is not None and split["dim"] == 0 else param.shape[0]
     sizes = [len(c) for c in torch.arange(rows).chunk(dp[1])]
     padded = local.new_zeros((max(sizes),) + tuple(local.shape[1:]))
     padded[: local.shape[0]] = local
@@ -99,18 +101,26 @@ def tp_local(param):
     return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
 
 
-def local_shape(shape, split, parts):
-    shape = list(shape)
-    if split is not None:
-        shape[split["dim"]] //= parts
-    return shape
+def piece(size, parts, rank):
+    """The [start, stop) that `rank` holds of `size` positions cut into `parts` as `Shard` cuts them."""
+    step = -(-size // parts)
+    start = min(rank * step, size)
+    return start, min(start + step, size)
 
 
 def intervals(size, split, parts, rank):
     """The global [start, stop) ranges along the split dim that `rank` of `parts` holds."""
     part = size // split["groups"]
-    piece = part // parts
-    return [(g * part + rank * piece, g * part + (rank + 1) * piece) for g in range(split["groups"])]
+    start, stop = piece(part, parts, rank)
+    return [(g * part + start, g * part + stop) for g in range(split["groups"])]
+
+
+def local_shape(shape, split, parts, rank):
+    """The shape of `rank`'s piece of a tensor of global `shape`."""
+    shape = list(shape)
+    if split is not None:
+        shape[split["dim"]] = sum(b - a for a, b in intervals(shape[split["dim"]], split, parts, rank))
+    return shape
 
 
 def locate(size, split, parts, start, stop):
@@ -119,17 +129,19 @@ def locate(size, split, parts, start, stop):
     (rank, local start, local stop) pieces, in order.
     """
     part = size // split["groups"]
-    piece = part // parts
+    step = -(-part // parts)
     out = []
     while start < stop:
         group, offset = divmod(start, part)
-        rank, within = divmod(offset, piece)
-        length = min(stop - start, piece - within)
-        local = group * piece + within
+        rank = offset // step
+        first, last = piece(part, parts, rank)
+        length = min(stop - start, last - offset)
+        local = group * (last - first) + offset - first
         out.append((rank, local, local + length))
         start += length
     return out
 
 
 def divides(size, split, parts):
-    return split is None or size % (split["groups"] * parts) == 0
+    """Whether `parts` ranks can hold a tensor so: a packed (groups > 1) dimension must cut evenly."""
+    return split is None or split["groups"] == 1 or size % (split["groups"] * parts) == 0

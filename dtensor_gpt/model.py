@@ -213,16 +213,14 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, vocab_limit=None,
-                 generator=None, on_token=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None, on_token=None):
         """
         Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
         the sequence max_new_tokens times, feeding the predictions back into the model each time.
         With use_cache, each step runs only the newest token through the model; once the
         context fills block_size, each step recomputes the cropped window, exactly as without it.
-        vocab_limit excludes padding ids (those >= it) from sampling; generator makes the
-        sampling reproducible (every TP rank samples the same token from the same logits);
-        on_token is called with each new (b, 1) index tensor as it is produced.
+        generator makes the sampling reproducible (every TP rank samples the same token from
+        the same logits); on_token is called with each new (b, 1) index tensor as it is produced.
         """
         cache = KVCache(len(self.transformer.h)) if use_cache else None
         for _ in range(max_new_tokens):
@@ -236,8 +234,6 @@ class GPT(nn.Module):
             logits, _ = self(idx_cond, cache=cache)
             # pluck the logits at the final step and scale by desired temperature
             logits = logits[:, -1, :] / temperature
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = -float('Inf')
             # optionally crop the logits to only the top k options
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

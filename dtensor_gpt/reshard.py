@@ -12,9 +12,7 @@ that is renamed into place only when complete. No process group or torchrun is n
 
 import argparse
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import uuid
@@ -22,28 +20,14 @@ import uuid
 import torch
 
 from dtensor_gpt import layout
-from dtensor_gpt.checkpoint import (
-    FORMAT,
-    CheckpointError,
-    clean_stale_temporaries,
-    publish,
-    rank_file,
-    read_ranges,
-    sha256,
-    temporary_beside,
-    write_index,
-)
+from dtensor_gpt.format import FORMAT, CheckpointError, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.model import GPTConfig
+from dtensor_gpt.parallelize import check_divisible
+from dtensor_gpt.publish import clean_stale_temporaries, publish, temporary_beside
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
 from dtensor_gpt.sources import CONV1D, activation_note, gpt_names, open_source
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def padded_vocab(vocab, tp):
-    """The vocabulary rounded up to a multiple of lcm(64, tp): nanoGPT's 50304 for GPT-2 at TP 1-4."""
-    step = math.lcm(64, tp)
-    return -(-vocab // step) * step
 
 
 class Progress:
@@ -62,28 +46,14 @@ class Progress:
             sys.stderr.flush()
 
 
-def _check_degree(source, tp):
-    c = source.config
-    for field in ("n_head", "n_embd"):
-        if c[field] % tp:
-            common = math.gcd(c["n_head"], c["n_embd"])
-            valid = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
-            raise CheckpointError(f"{field}={c[field]} is not divisible by tp={tp}; use tp in {{{valid}}}")
-
-
 def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
     """Write `source` into the new directory `tmp` as a checkpoint at degree `tp`, rank file by rank file."""
-    _check_degree(source, tp)
-    vocab = source.config["vocab_size"]
-    if vocab % tp:
-        vocab = padded_vocab(source.vocab_unpadded, tp)
+    check_divisible(GPTConfig(**{f: source.config[f] for f in GPTConfig.__dataclass_fields__}), tp)
     ident = source.id or uuid.uuid4().hex
     os.makedirs(tmp)
     tensors = {}
     for name, entry in sorted(source.tensors.items()):
         shape = list(entry["shape"])
-        if re.sub(r"^optimizer\.\w+?\.(?=transformer\.)", "", name) == "transformer.wte.weight" and shape:
-            shape[0] = vocab  # the embedding and its optimizer moments are padded alike
         split = entry["split"]
         if tp > 1 and not layout.divides(shape[split["dim"]] if split else 0, split, tp):
             raise CheckpointError(f"tensor {name} of shape {shape} cannot be split {split} over tp={tp}")
@@ -96,7 +66,8 @@ def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
         fname = rank_file(rank, tp)
         mine = [n for n, e in tensors.items() if fname in e["files"]]
         parts = {n: (tp if len(tensors[n]["files"]) > 1 else 1) for n in mine}
-        entries = [(n, TORCH_DTYPES[tensors[n]["dtype"]], layout.local_shape(tensors[n]["shape"], tensors[n]["split"], parts[n]))
+        entries = [(n, TORCH_DTYPES[tensors[n]["dtype"]],
+                    layout.local_shape(tensors[n]["shape"], tensors[n]["split"], parts[n], rank if parts[n] > 1 else 0))
                    for n in mine]
         path = os.path.join(tmp, fname)
         with StreamingWriter(path, entries, dict(format=FORMAT, id=ident, rank=rank, tp=tp)) as writer:
@@ -109,22 +80,20 @@ def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
                         dim, ranges = split["dim"], layout.intervals(shape[split["dim"]], split, tp, rank)
                     else:
                         dim, ranges = 0, [(0, shape[0])]
-                    available = source.tensors[n]["shape"][0] if dim == 0 else shape[dim]
-                    t = read_ranges(source, n, dim, ranges, available)
+                    t = torch.cat([source.read(n, dim, a, b) for a, b in ranges], dim)
                 writer.write(n, t.to(TORCH_DTYPES[tensors[n]["dtype"]]))
                 progress.step()
         digests[fname] = dict(sha256=sha256(path), bytes=os.path.getsize(path))
-    config = dict(source.config, vocab_size=vocab)
-    config = {f: config[f] for f in GPTConfig.__dataclass_fields__}
+    config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__}
     index = dict(format=FORMAT, id=ident, config=config, tp=tp, plan=source.plan,
-                 vocab_size_unpadded=source.vocab_unpadded, tensors=tensors, tied=source.tied, files=digests)
+                 tensors=tensors, tied=source.tied, files=digests)
     if source.extra:
         index["extra"] = source.extra
     write_index(tmp, index)
 
 
 def write_hf(source, tmp, dtype=None, progress_label="export"):
-    """Write `source` into the new directory `tmp` as a Hugging Face GPT-2 directory (unpadded vocabulary)."""
+    """Write `source` into the new directory `tmp` as a Hugging Face GPT-2 directory."""
     c = source.config
     if not c.get("bias", True):
         raise CheckpointError("GPT-2 has biases everywhere; a model with bias=False cannot be exported to it")
@@ -134,19 +103,19 @@ def write_hf(source, tmp, dtype=None, progress_label="export"):
     for n in names:
         shape = list(source.tensors[n]["shape"])
         if n == "transformer.wte.weight":
-            shape[0] = source.vocab_unpadded
+            shape[0] = c["vocab_size"]
         shapes[n] = shape[::-1] if n.endswith(CONV1D) else shape
     dtypes = {n: dtype or TORCH_DTYPES[source.tensors[n]["dtype"]] for n in names}
     progress = Progress(len(names), progress_label)
     path = os.path.join(tmp, "model.safetensors")
     with StreamingWriter(path, [(n, dtypes[n], shapes[n]) for n in names], {"format": "pt"}) as writer:
         for n in names:
-            t = source.read(n, 0, 0, source.vocab_unpadded if n == "transformer.wte.weight" else source.tensors[n]["shape"][0])
+            t = source.read(n, 0, 0, c["vocab_size"] if n == "transformer.wte.weight" else source.tensors[n]["shape"][0])
             writer.write(n, (t.t() if n.endswith(CONV1D) else t).to(dtypes[n]))
             progress.step()
     hf_config = dict(
         model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=c["n_layer"], n_head=c["n_head"],
-        n_embd=c["n_embd"], n_positions=c["block_size"], n_ctx=c["block_size"], vocab_size=source.vocab_unpadded,
+        n_embd=c["n_embd"], n_positions=c["block_size"], n_ctx=c["block_size"], vocab_size=c["vocab_size"],
         layer_norm_epsilon=1e-5, activation_function="gelu",  # nanoGPT's nn.GELU() is the exact GELU
         tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
@@ -161,8 +130,10 @@ def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=Fal
     if os.path.abspath(src) == os.path.abspath(dst):
         raise CheckpointError("SRC and DST are the same path; write to a new directory")
     clean_stale_temporaries(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    if os.path.exists(dst):
+        refusal = f"{dst} exists; pass --overwrite to replace it" if not overwrite else not_a_checkpoint(dst)
+        if refusal:
+            raise CheckpointError(refusal)
     if not isinstance(tp, int) or tp < 1:
         raise CheckpointError(f"--tp {tp} must be a positive integer")
     source = open_source(src, verify)
@@ -171,7 +142,7 @@ def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=Fal
     tmp = temporary_beside(dst)
     try:
         write_hf(source, tmp, dtype) if to == "hf" else write_native(source, tmp, tp, dtype)
-        publish(tmp, dst, overwrite)
+        publish(tmp, dst, overwrite, not_a_checkpoint)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -191,7 +162,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, args.tp, DTYPE_NAMES.get(args.dtype), args.to, args.overwrite, args.verify)
-    except (CheckpointError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

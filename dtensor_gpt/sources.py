@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dtensor_gpt import layout
-from dtensor_gpt.checkpoint import Checkpoint, CheckpointError
+from dtensor_gpt.format import PADDED_FORMAT, Checkpoint, CheckpointError
 from dtensor_gpt.safetensors_stream import DTYPES
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -18,7 +18,7 @@ GPT2_FIELDS = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_si
 
 
 class _Source:
-    """What writers and loaders read: config, unpadded vocabulary, tensors (global entries), read()."""
+    """What writers and loaders read: config, tensors (global entries), read()."""
 
     id = None
     bytes_read = 0
@@ -42,7 +42,6 @@ class HFSource(_Source):
             raise CheckpointError(f"{os.path.join(path, 'model.safetensors')} cannot be read: {e}") from None
         self.config = {ours: hf[theirs] for ours, theirs in GPT2_FIELDS.items()}
         self.config.update(dropout=0.0, bias=True)
-        self.vocab_unpadded = hf["vocab_size"]
         self.activation = hf.get("activation_function", "gelu_new")
         keys = set(self.file.keys())
         self.prefix = "transformer." if "transformer.wte.weight" in keys else ""
@@ -83,7 +82,6 @@ class NanoGPTSource(_Source):
         args = ckpt["model_args"]
         self.config = {f: args[f] for f in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
         self.config["dropout"] = 0.0
-        self.vocab_unpadded = args["vocab_size"]
         state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         names = gpt_names(self.config["n_layer"], self.config["bias"])
         missing = [n for n in names if n not in state]
@@ -111,12 +109,21 @@ def gpt_names(n_layer, bias=True):
 
 
 class NativeSource(_Source):
+    """
+    A checkpoint of this project. One of format 1 shows its real vocabulary only: the rows
+    it padded for TP are left out of the config and the shapes, and so never read.
+    """
+
     def __init__(self, path, verify):
         self.ckpt = Checkpoint(path, verify)
         index = self.ckpt.index
         self.config, self.id, self.plan, self.tied = index["config"], index["id"], index["plan"], index["tied"]
-        self.vocab_unpadded = index["vocab_size_unpadded"]
         self.tensors = self.ckpt.tensors
+        if index["format"] == PADDED_FORMAT:
+            vocab = index["vocab_size_unpadded"]
+            self.config = dict(self.config, vocab_size=vocab)
+            self.tensors = {n: dict(e, shape=[vocab, *e["shape"][1:]]) if n.endswith("transformer.wte.weight") and e["shape"] else e
+                            for n, e in self.tensors.items()}
 
     @property
     def bytes_read(self):

@@ -15,8 +15,6 @@ every rank-local contribution to a shared tensor (x, b_a, ln_2's parameters) is 
 ranks, and the replicated paths are counted once.
 """
 
-import copy
-
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.parallel import (
@@ -120,22 +118,3 @@ class SyncPointDrop(ParallelStyle):
                 DTensor.from_local(grad, device_mesh, [Partial()], run_check=False), device_mesh
             ))
         return block
-
-
-def block_sensitivity(model, mesh, calibration):
-    """
-    The loss increase on `calibration` (token ids, (B, T + 1)) when block i alone drops its
-    sync point, for each block: the paper's block-wise sensitivity. Measured on deep copies
-    of the unparallelized `model`, parallelized over `mesh`; every rank gets the same list.
-    """
-    from dtensor_gpt.parallelize import parallelize
-
-    idx, targets = calibration[:, :-1].contiguous(), calibration[:, 1:].contiguous()
-
-    def loss_with(plan, **options):
-        candidate = parallelize(copy.deepcopy(model), mesh, plan, **options)
-        with torch.no_grad():
-            return candidate(idx, targets)[1].item()
-
-    exact = loss_with("megatron")
-    return [loss_with("spd", spd_blocks=[i]) - exact for i in range(model.config.n_layer)]

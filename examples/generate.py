@@ -25,7 +25,6 @@ from dtensor_gpt.checkpoint import CheckpointError
 from dtensor_gpt.launch import exit_distributed, init_distributed
 from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
-from dtensor_gpt.reshard import padded_vocab
 from dtensor_gpt.sources import activation_note, open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 
@@ -53,24 +52,23 @@ def parse_args(argv=None):
 
 
 def load_model(args, mesh):
-    """(model, tokenizer, real vocabulary size) from --checkpoint, parallelized over `mesh`."""
+    """(model, tokenizer) from --checkpoint, parallelized over `mesh`."""
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint} does not exist")
     source = open_source(args.checkpoint)
     if activation_note(source, args.checkpoint) and dist.get_rank() == 0:
         print(activation_note(source, args.checkpoint), file=sys.stderr)
     config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__ if f in source.config}
-    config["vocab_size"] = config["vocab_size"] if config["vocab_size"] % mesh.size() == 0 else padded_vocab(
-        source.vocab_unpadded, mesh.size())
     config["dropout"] = 0.0
+    vocab = config["vocab_size"]
     chars = source.extra.get("chars")
     if not chars and args.tokenizer and args.tokenizer.endswith(".pkl"):
         chars = chars_from_meta(args.tokenizer)
-    if chars and len(chars) != source.vocab_unpadded:
+    if chars and len(chars) != vocab:
         raise ValueError(f"the vocabulary has {len(chars)} characters but --checkpoint {args.checkpoint} "
-                         f"has {source.vocab_unpadded} tokens; give the meta.pkl of the run that trained it")
-    if not chars and source.vocab_unpadded < 50257:
-        raise ValueError(f"--checkpoint {args.checkpoint} has a vocabulary of {source.vocab_unpadded} tokens and no "
+                         f"has {vocab} tokens; give the meta.pkl of the run that trained it")
+    if not chars and vocab < 50257:
+        raise ValueError(f"--checkpoint {args.checkpoint} has a vocabulary of {vocab} tokens and no "
                          f"characters saved with it, so it is not GPT-2's BPE; for a nanoGPT shakespeare_char "
                          f"ckpt.pt pass its characters with --tokenizer data/shakespeare_char/meta.pkl")
     tokenizer = CharTokenizer(chars) if chars else BPETokenizer(args.tokenizer)
@@ -84,7 +82,7 @@ def load_model(args, mesh):
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, **options)
     load_checkpoint(model, args.checkpoint)
-    return model.eval(), tokenizer, source.vocab_unpadded
+    return model.eval(), tokenizer
 
 
 def collectives_per_token(model, prompt):
@@ -103,7 +101,7 @@ def main():
     mesh, device = init_distributed()
     rank = dist.get_rank()
     try:
-        model, tokenizer, vocab = load_model(args, mesh)
+        model, tokenizer = load_model(args, mesh)
         ids = tokenizer.encode(args.prompt)
         if len(ids) + 1 > model.config.block_size:
             raise ValueError(f"--prompt is {len(ids)} tokens, but the model reads at most block_size="
@@ -130,7 +128,7 @@ def main():
     counting = model.register_forward_pre_hook(lambda _, inputs: lengths.append(inputs[0].size(1)))
     start = time.time()
     model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   use_cache=not args.no_cache, vocab_limit=vocab, generator=generator,
+                   use_cache=not args.no_cache, generator=generator,
                    on_token=lambda t: show(t[0, 0]))
     seconds = time.time() - start
     counting.remove()

@@ -67,9 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--pad-vocab", type=int, default=4,
-                   help="round the vocabulary up to a multiple of this (and of the TP degree), so one "
-                        "model serves TP degrees 1, 2 and 4 alike")
     args = p.parse_args(argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     if not os.path.isfile(args.data):
@@ -149,11 +146,8 @@ def estimate_loss(model, data, args, generator, dp):
 def train(args, mesh, say=print):
     """Train; return (model, optimizer, data, state to resume from, [loss per step], last evaluation)."""
     tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
-    if args.tokenizer == "char":
-        data = TextData(args.data, pad_to=math.lcm(args.pad_vocab, tp))
-    else:  # GPT-2's 50257 tokens padded as nanoGPT does (50304 for TP up to 4)
-        bpe = BPETokenizer(None if args.tokenizer == "gpt2" else args.tokenizer)
-        data = TextData(args.data, bpe, pad_to=math.lcm(64, args.pad_vocab, tp))
+    tokenizer = None if args.tokenizer == "char" else BPETokenizer(None if args.tokenizer == "gpt2" else args.tokenizer)
+    data = TextData(args.data, tokenizer)
     model, optimizer = build(args, data, mesh)
     dp = DataParallel(mesh)
     batches = torch.Generator().manual_seed(args.seed)
@@ -199,8 +193,7 @@ def train(args, mesh, say=print):
     extra = {"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters}
     if isinstance(data.tokenizer, CharTokenizer):
         extra["chars"] = data.tokenizer.chars
-    state = dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()},
-                 vocab_size_unpadded=data.tokenizer.vocab_size)
+    state = dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
     return model, optimizer, data, state, losses, evaluation
 
 

@@ -4,12 +4,16 @@ Sync-Point Drop (Kim et al., ICML 2025, arXiv 2502.20727) on top of the megatron
 Chosen blocks do 1 all-reduce per forward instead of 2 (see `dtensor_gpt.spd`); the others
 are exact Megatron blocks. `spd_blocks` is a list of block indices, "all", "last:K", or
 "auto:K" (the K blocks whose dropped sync point raises the loss least on a calibration
-batch, as in the paper's block-wise sensitivity; `dtensor_gpt.parallelize` measures it).
+batch, as in the paper's block-wise sensitivity, measured here).
 """
 
+import copy
 import re
 
-from dtensor_gpt.spd import SyncPointDrop, block_sensitivity
+import torch
+
+from dtensor_gpt.apply_tp import apply_tp
+from dtensor_gpt.spd import SyncPointDrop
 from plans import megatron
 
 
@@ -41,6 +45,34 @@ def spd_blocks_from_text(text):
     return [int(i) for i in text.split(",")] if re.fullmatch(r"\d+(,\d+)*", text) else text
 
 
+def block_sensitivity(model, mesh, calibration):
+    """
+    The loss increase on `calibration` (token ids, (B, T + 1)) when block i alone drops its
+    sync point, for each block: the paper's block-wise sensitivity. Measured on deep copies
+    of the unparallelized `model`, sharded over `mesh`; every rank gets the same list.
+    """
+    idx, targets = calibration[:, :-1].contiguous(), calibration[:, 1:].contiguous()
+
+    def loss_with(styles):
+        candidate = apply_tp(copy.deepcopy(model), mesh, styles)
+        with torch.no_grad():
+            return candidate(idx, targets)[1].item()
+
+    exact = loss_with(megatron.plan(model, mesh))
+    return [loss_with(styles_dropping(model, [i], False)) - exact for i in range(model.config.n_layer)]
+
+
+def styles_dropping(model, dropped, loss_parallel):
+    """The megatron plan with `SyncPointDrop` on the blocks in `dropped`."""
+    styles = megatron.embedding_and_head(loss_parallel)
+    for i in range(model.config.n_layer):
+        if i in dropped:
+            styles[f"transformer.h.{i}"] = SyncPointDrop()
+        else:
+            styles.update({f"transformer.h.{i}.{path}": style for path, style in megatron.block().items()})
+    return styles
+
+
 def plan(model, mesh, *, spd_blocks="all", calibration=None, loss_parallel=False):
     """`calibration`: token ids (B, T + 1) to rank blocks by for spd_blocks="auto:K"."""
     config = model.config
@@ -56,10 +88,4 @@ def plan(model, mesh, *, spd_blocks="all", calibration=None, loss_parallel=False
         dropped = sorted(sorted(range(config.n_layer), key=sensitivity.__getitem__)[: int(k)])
     else:
         dropped = parse_spd_blocks(spd_blocks, config.n_layer)
-    styles = megatron.embedding_and_head(loss_parallel)
-    for i in range(config.n_layer):
-        if i in dropped:
-            styles[f"transformer.h.{i}"] = SyncPointDrop()
-        else:
-            styles.update({f"transformer.h.{i}.{path}": style for path, style in megatron.block().items()})
-    return styles
+    return styles_dropping(model, dropped, loss_parallel)

@@ -1,4 +1,4 @@
-"""TextData: nanoGPT's 90/10 split, padded vocabulary, random batches and in-order windows."""
+"""TextData: nanoGPT's 90/10 split, the file's own vocabulary, random batches and in-order windows."""
 
 import torch
 
@@ -8,8 +8,8 @@ from dtensor_gpt.data import TextData
 def test_split_vocabulary_and_windows(tmp_path):
     text = "".join(chr(ord("a") + (i * 7) % 5) for i in range(1000))  # 5 characters, 900 train / 100 val
     (tmp_path / "t.txt").write_text(text)
-    data = TextData(str(tmp_path / "t.txt"), pad_to=4)
-    assert data.vocab_size == 8 and data.tokenizer.vocab_size == 5
+    data = TextData(str(tmp_path / "t.txt"))
+    assert data.vocab_size == data.tokenizer.vocab_size == 5
     assert data.tokenizer.decode(data.train.tolist()) == text[:900]
     assert data.tokenizer.decode(data.val.tolist()) == text[900:]
     x, y = data.windows("val", 8)

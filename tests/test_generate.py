@@ -25,9 +25,9 @@ def _greedy(rank, world_size, plan, use_cache):
     from generate import load_model, parse_args
 
     args = parse_args(["--plan", plan, "--top-k", "1"])
-    model, tokenizer, vocab = load_model(args, init_device_mesh("cpu", (world_size,)))
+    model, tokenizer = load_model(args, init_device_mesh("cpu", (world_size,)))
     prompt = torch.tensor([tokenizer.encode(PROMPT)])
-    out = model.generate(prompt, 60, top_k=1, use_cache=use_cache, vocab_limit=vocab)
+    out = model.generate(prompt, 60, top_k=1, use_cache=use_cache)
     return out[0].tolist()
 
 
@@ -140,7 +140,7 @@ def test_gpt2_bpe_train_then_generate_offline(tmp_path):
     r = subprocess.run(train, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     index = (tmp_path / "bpe" / "index.json").read_text()
-    assert '"vocab_size": 50304' in index and '"vocab_size_unpadded": 50257' in index
+    assert '"vocab_size": 50257' in index and "unpadded" not in index
     g = run_generate(2, "--checkpoint", str(tmp_path / "bpe"), "--tokenizer", str(TIKTOKEN),
                      "--prompt", "To be, or not", "--max-new-tokens", "5")
     assert g.returncode == 0, g.stderr[-2000:]

@@ -96,7 +96,7 @@ def test_weight_decay_groups(flag, decayed):
 
     args = parse_args(["--data", str(DATA), *TINY, *flag])
     with fake_process_group(2):
-        model, optimizer = build(args, TextData(str(DATA), pad_to=4), init_device_mesh("cpu", (2,)))
+        model, optimizer = build(args, TextData(str(DATA)), init_device_mesh("cpu", (2,)))
         names = {id(p): n for n, p in model.named_parameters()}
         groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     blocks = {n for n in names.values() if n.startswith("transformer.h.")}

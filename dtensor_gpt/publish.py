@@ -1,0 +1,94 @@
+"""
+Writing a directory so that it appears whole or not at all, and replaces only what may be replaced.
+
+Everything is written into a temporary directory beside the destination, fsynced, and
+renamed into place at the end; a process killed on the way leaves a temporary directory
+that names it (pid and host), which the next writer to the same destination removes.
+Checkpoint saves, training runs and the converter all publish through here.
+"""
+
+import os
+import re
+import shutil
+import socket
+import sys
+import uuid
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path, text):
+    """Write `text` to `path` and fsync it."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def temporary_beside(path):
+    """A fresh directory name beside `path`, naming the process that writes it (see `clean_stale_temporaries`)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.tmp-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid):
+    """Whether a process with this id runs here (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def clean_stale_temporaries(path):
+    """
+    Remove what a killed writer to `path` left beside it. Only directories of processes on
+    this host that no longer run are touched; a previous directory moved aside (`.old`) by a
+    writer killed in the middle of replacing it is put back if `path` is missing. Each action
+    is reported on stderr.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{name}.tmp-") + r"(\d+)@(.+)-[0-9a-f]{8}(\.old)?$")
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = pattern.match(entry)
+        if not match or match.group(2) != socket.gethostname() or _alive(int(match.group(1))):
+            continue
+        stale = os.path.join(parent, entry)
+        if match.group(3) and not os.path.exists(path):
+            os.rename(stale, path)
+            print(f"note: restored {path} from {stale}, moved aside by a save that was killed (pid {match.group(1)})",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(stale)
+            print(f"note: removed {stale}, left by a save or conversion that was killed (pid {match.group(1)})",
+                  file=sys.stderr)
+
+
+def publish(tmp, path, overwrite, replaceable):
+    """
+    Rename the finished directory `tmp` to `path`. An existing `path` is replaced only with
+    `overwrite` and only if `replaceable(path)` returns None; otherwise its answer (why not)
+    is raised. Either refusal is a ValueError, raised before anything moves.
+    """
+    if os.path.exists(path):
+        if not overwrite:
+            raise ValueError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        refusal = replaceable(path)
+        if refusal:
+            raise ValueError(refusal)
+        old = tmp + ".old"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
