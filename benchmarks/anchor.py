@@ -44,7 +44,7 @@ def main():
     parser.add_argument("--dir", default=os.path.join(HERE, "out", "anchor"))
     args = parser.parse_args(argv)
     train = os.path.join(HERE, "..", "examples", "train.py")
-    data = TextData(args.data, pad_to=4)
+    data = TextData(args.data)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = os.path.join(args.dir, f"seed-{seed}")

@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--png")
     args = parser.parse_args()
 
-    data = TextData(args.data, pad_to=4)
+    data = TextData(args.data)
     if not os.path.exists(args.model):
         subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "train.py"), "--data", args.data,
                         "--bias", "--max-iters", str(args.steps), "--out", args.model], check=True)

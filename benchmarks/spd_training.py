@@ -41,7 +41,7 @@ def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
     options = dict(spd_blocks=spd_blocks) if plan == "spd" else {}
     parallelize(model, init_device_mesh("cpu", (world_size,)), plan, **options)
     load_checkpoint(model, path)
-    return mean_loss(model, *TextData(data_path, pad_to=4).windows("val", config.block_size))
+    return mean_loss(model, *TextData(data_path).windows("val", config.block_size))
 
 
 def summary(values):

@@ -59,6 +59,20 @@ def unique_parameters(model):
     return params, tied
 
 
+def params_by_id(model):
+    params, _ = unique_parameters(model)
+    return {id(p): name for name, p in params.items()}
+
+
+def optimizer_groups(optimizer, names):
+    """Each parameter group's JSON hyperparameters and its parameters by name (names: {id(param): name})."""
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value.item() if torch.is_tensor(value) else value
+
+    return [{**{k: plain(v) for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups]
+
+
 def _named_tensors(model, optimizer, extra_tensors, parts):
     """Everything a checkpoint stores, by name: (tensor, split) with the tied ones once."""
     params, tied = unique_parameters(model)
@@ -135,6 +149,8 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         )
         if extra:
             index["extra"] = extra
+        if optimizer is not None:
+            index["optimizer_groups"] = optimizer_groups(optimizer, params_by_id(model))
     failure = [None]
     if first:
         try:
@@ -194,7 +210,8 @@ def load_checkpoint(model, path, verify=False, optimizer=None):
             keys = [n[len("optimizer."):-len(pname) - 1] for n in ckpt.tensors
                     if n.startswith("optimizer.") and n.endswith("." + pname)]
             if not keys:
-                raise CheckpointError(f"{path} has no optimizer state for {pname}; it was saved without an optimizer")
+                raise CheckpointError(f"{path} has no optimizer state for {pname}"
+                                      f"{getattr(ckpt, 'optimizer_note', '') or '; it was saved without an optimizer'}")
             for key in keys:
                 entry = ckpt.tensors[f"optimizer.{key}.{pname}"]
                 if entry["shape"] not in ([], ckpt.tensors[pname]["shape"]):

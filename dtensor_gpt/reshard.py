@@ -1,11 +1,11 @@
 """
 Offline checkpoint converter: any TP degree to any other, and GPT-2 / nanoGPT in and out.
 
-    python -m dtensor_gpt.reshard SRC DST --tp M [--dtype fp32|bf16|fp16] [--to native|hf]
+    python -m dtensor_gpt.reshard SRC DST [--tp M] [--dtype fp32|bf16|fp16] [--to native|hf|nanogpt]
                                   [--overwrite] [--verify]
 
 SRC is a checkpoint of this project (any TP degree), a Hugging Face GPT-2 directory
-(config.json + model.safetensors) or a nanoGPT ckpt.pt. DST is written tensor by tensor
+(config.json + model.safetensors) or a nanoGPT ckpt.pt (or its out_dir). DST is written tensor by tensor
 through memory maps (peak memory about one tensor), into a temporary directory beside it
 that is renamed into place only when complete. No process group or torchrun is needed.
 """
@@ -13,6 +13,7 @@ that is renamed into place only when complete. No process group or torchrun is n
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 import uuid
@@ -23,9 +24,9 @@ from dtensor_gpt import layout
 from dtensor_gpt.format import FORMAT, CheckpointError, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.model import GPTConfig
 from dtensor_gpt.parallelize import check_divisible
-from dtensor_gpt.publish import clean_stale_temporaries, publish, temporary_beside
+from dtensor_gpt.publish import clean_stale_temporaries, publish, temporary_beside, write_file
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
-from dtensor_gpt.sources import CONV1D, activation_note, gpt_names, open_source
+from dtensor_gpt.sources import CHARACTERS, CONV1D, activation_note, gpt_names, open_source
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,49 +90,146 @@ def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
                  tensors=tensors, tied=source.tied, files=digests)
     if source.extra:
         index["extra"] = source.extra
+    if source.optimizer_groups:
+        index["optimizer_groups"] = source.optimizer_groups
     write_index(tmp, index)
 
 
 def write_hf(source, tmp, dtype=None, progress_label="export"):
-    """Write `source` into the new directory `tmp` as a Hugging Face GPT-2 directory."""
+    """
+    Write `source` into the new directory `tmp` as a Hugging Face GPT-2 directory. A model
+    without biases gets zero biases (GPT-2 has them everywhere; zeros change nothing), and a
+    character model's characters go to characters.json.
+    """
     c = source.config
-    if not c.get("bias", True):
-        raise CheckpointError("GPT-2 has biases everywhere; a model with bias=False cannot be exported to it")
     os.makedirs(tmp)
     names = gpt_names(c["n_layer"])
-    shapes = {}
-    for n in names:
-        shape = list(source.tensors[n]["shape"])
-        if n == "transformer.wte.weight":
-            shape[0] = c["vocab_size"]
-        shapes[n] = shape[::-1] if n.endswith(CONV1D) else shape
-    dtypes = {n: dtype or TORCH_DTYPES[source.tensors[n]["dtype"]] for n in names}
+    shapes = {n: list(source.tensors[n.replace(".bias", ".weight")]["shape"][:1 if n.endswith(".bias") else None])
+              for n in names}
+    dtypes = {n: dtype or TORCH_DTYPES[source.tensors[n.replace(".bias", ".weight")]["dtype"]] for n in names}
     progress = Progress(len(names), progress_label)
     path = os.path.join(tmp, "model.safetensors")
-    with StreamingWriter(path, [(n, dtypes[n], shapes[n]) for n in names], {"format": "pt"}) as writer:
+    entries = [(n, dtypes[n], shapes[n][::-1] if n.endswith(CONV1D) else shapes[n]) for n in names]
+    with StreamingWriter(path, entries, {"format": "pt"}) as writer:
         for n in names:
-            t = source.read(n, 0, 0, c["vocab_size"] if n == "transformer.wte.weight" else source.tensors[n]["shape"][0])
+            if n in source.tensors:
+                t = source.read(n, 0, 0, shapes[n][0])
+            else:
+                t = torch.zeros(shapes[n])
             writer.write(n, (t.t() if n.endswith(CONV1D) else t).to(dtypes[n]))
             progress.step()
+    end_of_text = 50256 if c["vocab_size"] > 50256 else None  # GPT-2's <|endoftext|>; a character model has none
     hf_config = dict(
         model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=c["n_layer"], n_head=c["n_head"],
         n_embd=c["n_embd"], n_positions=c["block_size"], n_ctx=c["block_size"], vocab_size=c["vocab_size"],
         layer_norm_epsilon=1e-5, activation_function="gelu",  # nanoGPT's nn.GELU() is the exact GELU
         tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=end_of_text, eos_token_id=end_of_text,
     )
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=1)
+    write_file(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=1))
+    if source.extra.get("chars"):
+        write_file(os.path.join(tmp, CHARACTERS), json.dumps(source.extra["chars"]))
+
+
+def nanogpt_optimizer(source, names, dtype):
+    """
+    AdamW's state dict as nanoGPT's `configure_optimizers` numbers it (parameters of 2 or
+    more dimensions first, then the rest), or None if `source` lacks any parameter's state.
+    """
+    keys = [n.split(".")[1] for n in source.tensors if n.startswith("optimizer.") and n.endswith("." + names[0])]
+    if not keys or any(f"optimizer.{k}.{n}" not in source.tensors for k in keys for n in names):
+        return None
+    groups = [[n for n in names if len(source.tensors[n]["shape"]) >= 2],
+              [n for n in names if len(source.tensors[n]["shape"]) < 2]]
+    order = groups[0] + groups[1]
+    recorded = {n: g for g in source.optimizer_groups or [] for n in g["params"]}
+    state = {}
+    for i, n in enumerate(order):
+        state[i] = {}
+        for k in keys:
+            entry = source.tensors[f"optimizer.{k}.{n}"]
+            t = source.read_full(f"optimizer.{k}.{n}") if not entry["shape"] else source.read(f"optimizer.{k}.{n}", 0, 0, entry["shape"][0])
+            state[i][k] = t.to(dtype) if dtype and entry["shape"] else t.clone()
+    param_groups, first = [], 0
+    for group in groups:
+        hyper = {k: tuple(v) if k == "betas" else v for k, v in recorded.get(group[0], {}).items() if k != "params"}
+        param_groups.append({**hyper, "params": list(range(first, first + len(group)))})
+        first += len(group)
+    return {"state": state, "param_groups": param_groups}
+
+
+def write_nanogpt(source, tmp, dtype=None, progress_label="export"):
+    """
+    Write `source` into the new directory `tmp` as nanoGPT's `out_dir`: ckpt.pt (model_args,
+    model, optimizer where the source has its state, iter_num, best_val_loss, config) that
+    nanoGPT's own train.py and sample.py load, and meta.pkl for a character model.
+    """
+    c = source.config
+    os.makedirs(tmp)
+    names = gpt_names(c["n_layer"], c["bias"])
+    progress = Progress(len(names), progress_label)
+    model = {}
+    for n in names:
+        t = source.read(n, 0, 0, source.tensors[n]["shape"][0])
+        model[n] = t.to(dtype) if dtype else t.clone()
+        progress.step()
+    model["lm_head.weight"] = model["transformer.wte.weight"]
+    run = source.extra.get("nanogpt", {})
+    config = dict(run.get("config", {}))
+    if source.extra.get("dataset"):
+        config.setdefault("dataset", source.extra["dataset"])
+    ckpt = dict(
+        model=model,
+        model_args={f: c[f] for f in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")},
+        iter_num=run.get("iter_num", source.extra.get("iter", 0)),
+        best_val_loss=torch.tensor(run.get("best_val_loss", source.extra.get("val_loss", 1e9))),
+        config=config,
+    )
+    optimizer = nanogpt_optimizer(source, names, dtype)
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer
+    with open(os.path.join(tmp, "ckpt.pt"), "wb") as f:
+        torch.save(ckpt, f)
         f.flush()
         os.fsync(f.fileno())
+    chars = source.extra.get("chars")
+    if chars:
+        meta = dict(vocab_size=len(chars), itos=dict(enumerate(chars)), stoi={ch: i for i, ch in enumerate(chars)})
+        with open(os.path.join(tmp, "meta.pkl"), "wb") as f:
+            pickle.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=False):
+EXPORTS = {"hf": (write_hf, ("config.json", "model.safetensors", CHARACTERS)), "nanogpt": (write_nanogpt, ("ckpt.pt", "meta.pkl"))}
+
+
+def replaceable(to):
+    """Whether a destination may be replaced: a checkpoint of this format, or an earlier export of the same kind."""
+    if to == "native":
+        return not_a_checkpoint
+
+    def check(path):
+        if os.path.islink(path) or not os.path.isdir(path):
+            return f"{path} is not a directory; refusing to replace it"
+        foreign = sorted(set(os.listdir(path)) - set(EXPORTS[to][1]))
+        if foreign:
+            return f"{path} holds {foreign}, which a --to {to} export does not write; refusing to replace it"
+        return None
+
+    return check
+
+
+def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=False):
     """The converter as a function; returns the source (for reporting)."""
+    if to != "native" and tp is not None:
+        raise CheckpointError(f"--tp applies to --to native only; a --to {to} export holds the whole model")
+    tp = 1 if tp is None else tp
     if os.path.abspath(src) == os.path.abspath(dst):
         raise CheckpointError("SRC and DST are the same path; write to a new directory")
     clean_stale_temporaries(dst)
     if os.path.exists(dst):
-        refusal = f"{dst} exists; pass --overwrite to replace it" if not overwrite else not_a_checkpoint(dst)
+        refusal = f"{dst} exists; pass --overwrite to replace it" if not overwrite else replaceable(to)(dst)
         if refusal:
             raise CheckpointError(refusal)
     if not isinstance(tp, int) or tp < 1:
@@ -141,8 +239,11 @@ def convert(src, dst, tp=1, dtype=None, to="native", overwrite=False, verify=Fal
         print(activation_note(source, src), file=sys.stderr)
     tmp = temporary_beside(dst)
     try:
-        write_hf(source, tmp, dtype) if to == "hf" else write_native(source, tmp, tp, dtype)
-        publish(tmp, dst, overwrite, not_a_checkpoint)
+        if to == "native":
+            write_native(source, tmp, tp, dtype)
+        else:
+            EXPORTS[to][0](source, tmp, dtype)
+        publish(tmp, dst, overwrite, replaceable(to))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -154,9 +255,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src")
     parser.add_argument("dst")
-    parser.add_argument("--tp", type=int, default=1, help="TP degree of the output (native format)")
+    parser.add_argument("--tp", type=int, help="TP degree of the output, --to native only (default: 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast every tensor (default: keep)")
-    parser.add_argument("--to", choices=["native", "hf"], default="native")
+    parser.add_argument("--to", choices=["native", *EXPORTS], default="native",
+                        help="native: this project's checkpoint at --tp; hf: a Hugging Face GPT-2 directory; "
+                             "nanogpt: nanoGPT's out_dir (ckpt.pt, meta.pkl) (default: native)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--verify", action="store_true", help="check each source file's sha256 against its index")
     args = parser.parse_args(argv)

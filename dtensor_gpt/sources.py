@@ -1,6 +1,11 @@
 """
 Checkpoint sources, all read tensor by tensor as global ranges: this project's checkpoints
 (any TP degree), Hugging Face GPT-2 directories and nanoGPT ckpt.pt files.
+
+Every source offers the same: `config` (GPTConfig fields), `tensors` (global entries by
+name, AdamW's per-parameter state as `optimizer.<key>.<name>` where the source has it),
+`optimizer_groups` (hyperparameters and parameter names per group, or None), `extra`
+(JSON values: `chars` of a character model, `nanogpt` run state, a run's step), `read`.
 """
 
 import json
@@ -12,6 +17,9 @@ from safetensors import SafetensorError, safe_open
 from dtensor_gpt import layout
 from dtensor_gpt.format import PADDED_FORMAT, Checkpoint, CheckpointError
 from dtensor_gpt.safetensors_stream import DTYPES
+from dtensor_gpt.tokenizers import chars_from_meta
+
+CHARACTERS = "characters.json"  # a character model's vocabulary beside a Hugging Face export
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_FIELDS = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size")
@@ -24,6 +32,7 @@ class _Source:
     bytes_read = 0
     extra = {}
     plan = None
+    optimizer_groups = None
     tied = {"lm_head.weight": "transformer.wte.weight"}
 
     def _entries(self, shapes, dtype):
@@ -55,6 +64,9 @@ class HFSource(_Source):
             shapes[name] = shape[::-1] if name.endswith(CONV1D) else shape
             dtype = piece.get_dtype()
         self.tensors = self._entries(shapes, dtype)
+        if os.path.exists(os.path.join(path, CHARACTERS)):
+            with open(os.path.join(path, CHARACTERS)) as f:
+                self.extra = {"chars": json.load(f)}
 
     def hf_key(self, name):
         return self.prefix + name[len("transformer."):]
@@ -70,7 +82,11 @@ class HFSource(_Source):
 
 
 class NanoGPTSource(_Source):
-    """A nanoGPT ckpt.pt, memory-mapped and loaded with weights_only=True (no code runs)."""
+    """
+    A nanoGPT ckpt.pt, memory-mapped and loaded with weights_only=True (no code runs), with
+    its run state (iter_num, best_val_loss, config), its AdamW state, and the characters of
+    a `meta.pkl` beside it.
+    """
 
     def __init__(self, path):
         try:
@@ -89,6 +105,47 @@ class NanoGPTSource(_Source):
             raise CheckpointError(f"{path}: the model state lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
         self.state = state
         self.tensors = self._entries({n: state[n].shape for n in names}, DTYPES[state[names[0]].dtype])
+        run = {k: ckpt[k] for k in ("iter_num", "best_val_loss", "config") if k in ckpt}
+        if "best_val_loss" in run:
+            run["best_val_loss"] = float(run["best_val_loss"])
+        self.extra = {"nanogpt": run} if run else {}
+        meta = os.path.join(os.path.dirname(path), "meta.pkl")
+        if os.path.exists(meta):
+            self.extra["chars"] = chars_from_meta(meta)
+        self.optimizer_note = ""
+        if "optimizer" in ckpt:
+            self._adamw_state(ckpt["optimizer"], names)
+
+    def _adamw_state(self, saved, names):
+        """
+        nanoGPT's `configure_optimizers` numbers parameters in two groups: those of 2 or more
+        dimensions (decayed), then the rest, each in `named_parameters` order.
+        """
+        order = [n for n in names if len(self.state[n].shape) >= 2] + [n for n in names if len(self.state[n].shape) < 2]
+        groups = saved.get("param_groups", [])
+        ids = [i for g in groups for i in g["params"]]
+        if [len(g["params"]) for g in groups] != [sum(len(self.state[n].shape) >= 2 for n in names),
+                                                  sum(len(self.state[n].shape) < 2 for n in names)]:
+            self.optimizer_note = ("; its optimizer groups are not nanoGPT's configure_optimizers grouping, "
+                                   "so its state cannot be matched to parameters")
+            return
+        by_name = dict(zip(order, ids))
+        for name, i in by_name.items():
+            for key, value in saved["state"].get(i, {}).items():
+                self.state[f"optimizer.{key}.{name}"] = value
+                self.tensors[f"optimizer.{key}.{name}"] = dict(
+                    shape=list(value.shape), dtype=DTYPES[value.dtype],
+                    split=layout.canonical_split(name) if value.shape == self.state[name].shape else None)
+        self.optimizer_groups = [
+            {**{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"},
+             "params": [order[ids.index(i)] for i in g["params"]]}
+            for g in groups
+        ]
+
+    def read_full(self, name):
+        t = self.state[name]
+        self.bytes_read += t.nbytes
+        return t
 
     def read(self, name, dim, start, stop):
         t = self.state[name].narrow(dim, start, stop - start)
@@ -97,15 +154,13 @@ class NanoGPTSource(_Source):
 
 
 def gpt_names(n_layer, bias=True):
-    """Every stored tensor of the GPT, lm_head left out (tied to wte)."""
+    """Every parameter of the GPT in `named_parameters` order, lm_head left out (tied to wte)."""
+    layers = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"]
+    kinds = ["weight", "bias"] if bias else ["weight"]
     names = ["transformer.wte.weight", "transformer.wpe.weight"]
-    per_block = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
-    if bias:
-        per_block += ["ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"]
     for i in range(n_layer):
-        names += [f"transformer.h.{i}.{p}" for p in per_block]
-    names += ["transformer.ln_f.weight"] + (["transformer.ln_f.bias"] if bias else [])
-    return names
+        names += [f"transformer.h.{i}.{layer}.{kind}" for layer in layers for kind in kinds]
+    return names + [f"transformer.ln_f.{kind}" for kind in kinds]
 
 
 class NativeSource(_Source):
@@ -119,6 +174,7 @@ class NativeSource(_Source):
         index = self.ckpt.index
         self.config, self.id, self.plan, self.tied = index["config"], index["id"], index["plan"], index["tied"]
         self.tensors = self.ckpt.tensors
+        self.optimizer_groups = index.get("optimizer_groups")
         if index["format"] == PADDED_FORMAT:
             vocab = index["vocab_size_unpadded"]
             self.config = dict(self.config, vocab_size=vocab)
@@ -141,15 +197,18 @@ class NativeSource(_Source):
 
 
 def open_source(path, verify=False):
+    """The source at `path`: a checkpoint directory, a Hugging Face directory, a ckpt.pt or a directory holding one."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "index.json")):
         return NativeSource(path, verify)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         return HFSource(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
+        return NanoGPTSource(os.path.join(path, "ckpt.pt"))
     if os.path.isfile(path):
         return NanoGPTSource(path)
     raise CheckpointError(
         f"{path} is neither a checkpoint of this project (index.json), a Hugging Face GPT-2 directory "
-        f"(config.json + model.safetensors) nor a nanoGPT ckpt.pt"
+        f"(config.json + model.safetensors) nor a nanoGPT ckpt.pt (or a directory holding one)"
     )
 
 

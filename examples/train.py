@@ -27,31 +27,42 @@ from torch.distributed.tensor.parallel import loss_parallel
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
-from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer
+from dtensor_gpt.format import not_a_checkpoint
+from dtensor_gpt.sources import open_source
+from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 from dtensor_gpt.launch import exit_distributed, init_distributed
 from plans.spd import spd_blocks_from_text
+
+
+NEW_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=True)  # nanoGPT's CPU shakespeare_char model
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a text file; first 90%% train, last 10%% validation")
     p.add_argument("--tokenizer", default="char",
-                   help="char (vocabulary from the file), gpt2 (GPT-2 BPE via tiktoken), or a .tiktoken ranks file")
+                   help="char (vocabulary from the file, or the characters saved with --resume/--init-from), "
+                        "gpt2 (GPT-2 BPE via tiktoken), a .tiktoken ranks file, or a nanoGPT meta.pkl")
     p.add_argument("--out", help="save the final checkpoint (model, optimizer, step, vocabulary) here")
-    p.add_argument("--resume", help="continue from a checkpoint --out wrote (at any TP degree, resharded with "
-                                    "python -m dtensor_gpt.reshard): model, optimizer, step and data order")
+    p.add_argument("--resume", help="continue a run: a checkpoint --out wrote (at any TP degree) or a nanoGPT "
+                                    "ckpt.pt (its out_dir): model, optimizer state, step (and data order, ours)")
+    p.add_argument("--init-from", help="start from a model's weights with a fresh optimizer, as nanoGPT's init_from: "
+                                       "a checkpoint of this project, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt")
     p.add_argument("--plan", default="megatron", help="megatron, megatron-sp or spd")
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel degree: a (dp, tp) mesh, FSDP2 over dp; tp is the rest of the world")
     p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+    architecture = "(default %s; with --resume or --init-from: the checkpoint's)"
+    p.add_argument("--n-layer", type=int, help=architecture % NEW_MODEL["n_layer"])
+    p.add_argument("--n-head", type=int, help=architecture % NEW_MODEL["n_head"])
+    p.add_argument("--n-embd", type=int, help=architecture % NEW_MODEL["n_embd"])
+    p.add_argument("--block-size", type=int, help=architecture % NEW_MODEL["block_size"])
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction,
                    help="biases in Linears and LayerNorms, as in GPT-2 (nanoGPT's train.py: --no-bias; "
-                        "val loss 0.009 higher over 5 seeds of the anchor run, README)")
-    p.add_argument("--batch-size", type=int, default=12)
+                        "val loss 0.009 higher over 5 seeds of the anchor run, README) " + architecture % "on")
+    p.add_argument("--batch-size", type=int, default=12, help="rows per micro-batch (all data-parallel ranks together)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="micro-batches per optimizer step, as nanoGPT's gradient_accumulation_steps")
     p.add_argument("--max-iters", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
@@ -71,8 +82,11 @@ def parse_args(argv=None):
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     if not os.path.isfile(args.data):
         p.error(f"--data {args.data} is not a file")
-    if args.resume and not os.path.isdir(args.resume):
-        p.error(f"--resume {args.resume} is not a checkpoint directory")
+    if args.resume and args.init_from:
+        p.error("--resume continues a run and --init-from starts a new one from its weights; give one of them")
+    for flag, path in (("--resume", args.resume), ("--init-from", args.init_from)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path} does not exist")
     if args.dp < 1 or args.batch_size % args.dp:
         p.error(f"--batch-size {args.batch_size} must split evenly over --dp {args.dp}")
     return args
@@ -88,11 +102,43 @@ def learning_rate(it, args):
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 
-def build(args, data, mesh):
+def model_config(args, source, data):
+    """
+    The checkpoint's architecture with --resume or --init-from (a flag that contradicts it is
+    an error), else the flags over nanoGPT's CPU shakespeare_char model.
+    """
+    given = {f: getattr(args, f) for f in NEW_MODEL if getattr(args, f) is not None}
+    if source is None:
+        return GPTConfig(**{**NEW_MODEL, **given, "vocab_size": data.vocab_size, "dropout": 0.0})
+    saved = {f: source.config[f] for f in (*NEW_MODEL, "vocab_size")}
+    clash = {f: v for f, v in given.items() if v != saved[f]}
+    if clash:
+        flags = ", ".join(f"--{f.replace('_', '-')} {v}" for f, v in clash.items())
+        raise ValueError(f"{flags} contradicts the checkpoint's {', '.join(f'{f}={saved[f]}' for f in clash)}; "
+                         f"leave the architecture to the checkpoint")
+    if data.vocab_size > saved["vocab_size"]:
+        raise ValueError(f"the tokenizer has {data.vocab_size} tokens but the checkpoint's model only "
+                         f"{saved['vocab_size']}; use the tokenizer it was trained with")
+    return GPTConfig(**saved, dropout=0.0)
+
+
+def tokenizer_for(args, source):
+    """--tokenizer, or a checkpoint's own characters."""
+    if args.tokenizer.endswith(".pkl"):
+        return CharTokenizer(chars_from_meta(args.tokenizer))
+    if args.tokenizer != "char":
+        return BPETokenizer(None if args.tokenizer == "gpt2" else args.tokenizer)
+    if source is None:
+        return None  # the file's own characters
+    if source.extra.get("chars"):
+        return CharTokenizer(source.extra["chars"])
+    raise ValueError(f"{args.resume or args.init_from} saved no characters: pass --tokenizer gpt2, a .tiktoken "
+                     f"file or the run's meta.pkl")
+
+
+def build(args, config, mesh):
     """The model, tensor-parallel over the mesh's "tp" dimension and, with a "dp" one, FSDP2 over it."""
     torch.manual_seed(args.seed)
-    config = GPTConfig(block_size=args.block_size, vocab_size=data.vocab_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=args.bias)
     model = GPT(config)
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=True, **options)
@@ -146,26 +192,37 @@ def estimate_loss(model, data, args, generator, dp):
 def train(args, mesh, say=print):
     """Train; return (model, optimizer, data, state to resume from, [loss per step], last evaluation)."""
     tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
-    tokenizer = None if args.tokenizer == "char" else BPETokenizer(None if args.tokenizer == "gpt2" else args.tokenizer)
-    data = TextData(args.data, tokenizer)
-    model, optimizer = build(args, data, mesh)
+    refusal = args.out and os.path.exists(args.out) and not_a_checkpoint(args.out)
+    if refusal:  # found now, not after the run
+        raise ValueError(f"--out: {refusal}")
+    source = open_source(args.resume or args.init_from) if args.resume or args.init_from else None
+    data = TextData(args.data, tokenizer_for(args, source))
+    config = model_config(args, source, data)
+    vars(args).update({f: getattr(config, f) for f in NEW_MODEL})  # batches and the saved run use these
+    model, optimizer = build(args, config, mesh)
     dp = DataParallel(mesh)
     batches = torch.Generator().manual_seed(args.seed)
     evals = torch.Generator().manual_seed(args.seed + 1)
     first = 0
+    if args.init_from:
+        load_checkpoint(model, args.init_from)
+        say(f"initialized from {args.init_from}")
     if args.resume:
         saved = load_checkpoint(model, args.resume, optimizer=optimizer)
-        first = saved["extra"]["iter"]
+        first = saved["extra"].get("iter", saved["extra"].get("nanogpt", {}).get("iter_num", 0))
         if first >= args.max_iters:
             raise ValueError(f"--resume {args.resume} is at iteration {first}; pass --max-iters above it")
-        if args.lr_decay_iters != saved["extra"]["lr_decay_iters"]:
-            raise ValueError(f"--resume {args.resume} decays the learning rate over {saved['extra']['lr_decay_iters']} "
-                             f"iterations; pass --lr-decay-iters {saved['extra']['lr_decay_iters']} to continue it")
-        batches.set_state(saved["extra_tensors"]["batch_rng"])
-        evals.set_state(saved["extra_tensors"]["eval_rng"])
+        decay = saved["extra"].get("lr_decay_iters", args.lr_decay_iters)
+        if args.lr_decay_iters != decay:
+            raise ValueError(f"--resume {args.resume} decays the learning rate over {decay} "
+                             f"iterations; pass --lr-decay-iters {decay} to continue it")
+        if "batch_rng" in saved["extra_tensors"]:  # a nanoGPT run keeps no data order: batches start afresh
+            batches.set_state(saved["extra_tensors"]["batch_rng"])
+            evals.set_state(saved["extra_tensors"]["eval_rng"])
         say(f"resumed {args.resume} at iteration {first}")
     losses, evaluation, start = [], None, time.time()
-    tokens_per_step = args.batch_size * args.block_size
+    steps = args.gradient_accumulation_steps
+    tokens_per_step = steps * args.batch_size * args.block_size
     for it in range(first, args.max_iters + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(it, args)
@@ -175,22 +232,26 @@ def train(args, mesh, say=print):
                 f"({time.time() - start:.0f}s)")
         if it == args.max_iters:
             break
-        x, y = dp.rows(*data.batch("train", args.batch_size, args.block_size, batches))
-        with loss_parallel():
-            _, loss = model(x, y)
-            loss.backward()
+        micro_losses = []
+        for _ in range(steps):
+            x, y = dp.rows(*data.batch("train", args.batch_size, args.block_size, batches))
+            with loss_parallel():
+                _, loss = model(x, y)
+                (loss / steps).backward()  # the step's gradient is the mean over its micro-batches
+            micro_losses.append(dp.mean(loss))
         if args.grad_clip:
             clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(dp.mean(loss))
+        losses.append(sum(micro_losses) / steps)
         if it % args.log_interval == 0:
             elapsed = time.time() - start
             say(f"iter {it}: loss {losses[-1]:.4f}, lr {learning_rate(it, args):.2e}, "
                 f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
     say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
         f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}")
-    extra = {"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters}
+    extra = {"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters, "val_loss": evaluation["val"],
+             "dataset": os.path.splitext(os.path.basename(args.data))[0]}
     if isinstance(data.tokenizer, CharTokenizer):
         extra["chars"] = data.tokenizer.chars
     state = dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})

@@ -101,3 +101,49 @@ def compare_with_single_device(rank, world_size, config, shape, plan="megatron",
         generate=comm_counts(generate_mode)["forward"]["Global"],
         local_bytes=local_parameter_bytes(train),
     )
+
+
+def nanogpt_run(path, config, chars=None, steps=3, iter_num=3):
+    """
+    A nanoGPT out_dir at `path`: ckpt.pt as nanoGPT's train.py writes it (model_args, model,
+    AdamW state grouped as its configure_optimizers groups, iter_num, best_val_loss, config)
+    after `steps` AdamW steps on random tokens, and meta.pkl for `chars`. Returns the model.
+    """
+    import os
+    import pickle
+    from dataclasses import asdict
+
+    torch.manual_seed(0)
+    model = GPT(config)
+    params = [p for _, p in model.named_parameters()]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.99))
+    tokens = torch.randint(0, config.vocab_size, (steps, 4, config.block_size + 1), generator=torch.Generator().manual_seed(5))
+    for batch in tokens:
+        model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())[1].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    os.makedirs(path, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(config),
+                "iter_num": iter_num, "best_val_loss": torch.tensor(2.5),
+                "config": {"dataset": "shakespeare_char", "learning_rate": 1e-3, "lr_decay_iters": 2000}},
+               os.path.join(path, "ckpt.pt"))
+    if chars:
+        meta = dict(vocab_size=len(chars), itos=dict(enumerate(chars)), stoi={c: i for i, c in enumerate(chars)})
+        with open(os.path.join(path, "meta.pkl"), "wb") as f:
+            pickle.dump(meta, f)
+    return model, optimizer
+
+
+def write_text(path, n=20000):
+    """A deterministic text of `n` characters over 65 distinct ones (nanoGPT's shakespeare_char has 65)."""
+    alphabet = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    g = torch.Generator().manual_seed(0)
+    # a few repeated words, so a model can learn something in a few steps
+    words = ["".join(alphabet[i] for i in torch.randint(2, 65, (int(k),), generator=g)) for k in torch.randint(2, 7, (40,), generator=g)]
+    picks = torch.randint(0, 40, (n,), generator=g).tolist()
+    text = (alphabet + " ".join(words[i] for i in picks))[:n]
+    with open(path, "w") as f:
+        f.write(text)
+    return sorted(set(text))

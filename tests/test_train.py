@@ -92,11 +92,11 @@ def test_weight_decay_groups(flag, decayed):
     from helpers import fake_process_group
 
     sys.path.insert(0, str(ROOT / "examples"))
-    from train import build, parse_args
+    from train import build, model_config, parse_args
 
     args = parse_args(["--data", str(DATA), *TINY, *flag])
     with fake_process_group(2):
-        model, optimizer = build(args, TextData(str(DATA)), init_device_mesh("cpu", (2,)))
+        model, optimizer = build(args, model_config(args, None, TextData(str(DATA))), init_device_mesh("cpu", (2,)))
         names = {id(p): n for n, p in model.named_parameters()}
         groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     blocks = {n for n in names.values() if n.startswith("transformer.h.")}
@@ -116,3 +116,80 @@ def test_bad_settings_give_one_error_line():
     assert r.returncode != 0
     assert r.stderr.count("error: n_head=4 is not divisible by tp=3; use tp in {1, 2, 4}") == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr.split("error: n_head")[0], "the script's own error comes without a traceback"
+
+
+def _run(rank, world_size, *argv):
+    """train.py's train() on `argv`; (losses, evaluation, model's config) from rank 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train import parse_args, train
+
+    args = parse_args(list(argv))
+    model, _, _, _, losses, evaluation = train(args, init_device_mesh("cpu", (world_size,)), say=lambda *a: None)
+    return losses, evaluation, vars(model.config)
+
+
+def _source_loss(path, text, args):
+    """The first evaluation train.py should print, computed on the unparallelized source model."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import torch
+
+    from dtensor_gpt import GPT, GPTConfig, load_checkpoint
+    from dtensor_gpt.data import TextData
+    from dtensor_gpt.sources import open_source
+    from dtensor_gpt.tokenizers import CharTokenizer
+
+    source = open_source(path)
+    model = GPT(GPTConfig(**{f: source.config[f] for f in GPTConfig.__dataclass_fields__}))
+    load_checkpoint(model, path)
+    model.eval()
+    data = TextData(text, CharTokenizer(source.extra["chars"]))
+    evals = torch.Generator().manual_seed(args["seed"] + 1)
+    out = {}
+    with torch.no_grad():
+        for split in ("train", "val"):
+            losses = [model(*data.batch(split, args["batch"], source.config["block_size"], evals))[1].item()
+                      for _ in range(args["eval_iters"])]
+            out[split] = sum(losses) / len(losses)
+    return out
+
+
+def test_init_from_a_nanogpt_run_starts_at_its_loss(tmp_path):
+    """nanoGPT's init_from: the source's weights, a fresh optimizer, and its loss at the first evaluation."""
+    from helpers import nanogpt_run, small_config, write_text
+
+    chars = write_text(tmp_path / "text.txt")
+    nanogpt_run(tmp_path / "run", small_config(vocab_size=65, bias=False), chars=chars)
+    flags = ["--data", str(tmp_path / "text.txt"), "--init-from", str(tmp_path / "run"), "--max-iters", "0",
+             "--eval-iters", "3", "--batch-size", "4", "--seed", "7"]
+    _, evaluation, config = run_distributed(_run, 2, *flags)
+    expected = _source_loss(str(tmp_path / "run"), str(tmp_path / "text.txt"), dict(seed=7, batch=4, eval_iters=3))
+    assert config["n_head"] == 12 and config["vocab_size"] == 65 and not config["bias"], "the architecture is the source's"
+    assert abs(evaluation["val"] - expected["val"]) < 1e-5 and abs(evaluation["train"] - expected["train"]) < 1e-5
+
+
+def test_resume_a_nanogpt_run_under_tp(tmp_path):
+    """A nanoGPT ckpt.pt continues at its iter_num with its AdamW state, alike at TP 1 and 2."""
+    from helpers import nanogpt_run, small_config, write_text
+
+    chars = write_text(tmp_path / "text.txt")
+    nanogpt_run(tmp_path / "run", small_config(vocab_size=65), chars=chars, iter_num=3)
+    flags = ["--data", str(tmp_path / "text.txt"), "--resume", str(tmp_path / "run"), "--max-iters", "8",
+             "--eval-interval", "100", "--eval-iters", "1", "--batch-size", "4", "--lr-decay-iters", "2000"]
+    single, _, _ = run_distributed(_run, 1, *flags)
+    parallel, _, _ = run_distributed(_run, 2, *flags)
+    assert len(single) == len(parallel) == 5, "iterations 3..7 remain"
+    assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-4
+
+
+def test_gradient_accumulation_is_one_larger_batch(tmp_path):
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    common = ["--data", str(tmp_path / "text.txt"), "--max-iters", "6", *TINY[:10], "--warmup-iters", "2",
+              "--eval-interval", "100", "--eval-iters", "1"]
+    once, _, _ = run_distributed(_run, 2, *common, "--batch-size", "8")
+    accumulated, _, _ = run_distributed(_run, 2, *common, "--batch-size", "4", "--gradient-accumulation-steps", "2")
+    assert once[-1] < once[0]
+    assert max(abs(a - b) for a, b in zip(once, accumulated)) < 1e-5
