@@ -5,6 +5,7 @@ Tensor parallelism is applied from outside by `dtensor_gpt.parallelize`, which l
 code untouched; anything written here must therefore make sense on a single device.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -211,6 +212,108 @@ class GPT(nn.Module):
             loss = None
 
         return logits, loss
+
+    def crop_block_size(self, block_size):
+        """
+        Shrink the context to block_size positions (e.g. GPT-2's 1024 for a small dataset's
+        shorter sequences): the position embeddings keep their first block_size rows.
+        """
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None):
+        """
+        A GPT with GPT-2's weights, read by Hugging Face transformers. model_type is a GPT-2
+        directory (config.json and model.safetensors or pytorch_model.bin; one named 'gpt2'
+        in the working directory is found by the name 'gpt2'), or a name ('gpt2',
+        'gpt2-medium', 'gpt2-large', 'gpt2-xl') that transformers finds in its cache or
+        downloads. The sizes come from config.json; only dropout can be overridden.
+        """
+        override_args = override_args or {}
+        # only dropout can be overridden: every size is the weights' own
+        assert all(k == 'dropout' for k in override_args), \
+            f"only dropout can be overridden, not {sorted(override_args)}"
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError as e:
+            raise ImportError("GPT.from_pretrained reads GPT-2 weights with Hugging Face transformers, "
+                              "which is not installed: pip install transformers") from e
+        print("loading weights from pretrained gpt: %s" % model_type)
+        try:
+            model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        except OSError as e:
+            name = model_type if model_type in {'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'} else 'gpt2'
+            raise OSError(
+                f"cannot load GPT-2 weights from {model_type!r}: it is not a GPT-2 directory (config.json and "
+                f"model.safetensors or pytorch_model.bin) and transformers could not find or download it "
+                f"({str(e).splitlines()[0]}); on a machine with internet run `hf download {name} --local-dir {name}` "
+                f"(`huggingface-cli download ...` with older huggingface_hub) or, in Python, "
+                f"`GPT2LMHeadModel.from_pretrained('{name}').save_pretrained('{name}')`, copy that directory here "
+                f"and pass its path (a directory named {name!r} in the working directory is found by that name)"
+            ) from e
+        hf = model_hf.config
+        config_args = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
+                           vocab_size=hf.vocab_size, bias=True)  # GPT-2 always has biases
+        print("from its config.json: " + ", ".join(f"{k}={v}" for k, v in config_args.items()))
+        if hf.activation_function != 'gelu':
+            print(f"note: these weights were trained with activation_function={hf.activation_function!r}; "
+                  "this model uses the exact GELU, so its logits differ slightly from transformers'")
+        if 'dropout' in override_args:
+            print(f"overriding dropout rate to {override_args['dropout']}")
+            config_args['dropout'] = override_args['dropout']
+        model = cls(GPTConfig(**config_args))
+
+        sd, sd_hf = model.state_dict(), model_hf.state_dict()
+        missing = [k for k in sd if k not in sd_hf]
+        assert not missing, f"the GPT-2 weights lack {missing}"
+        # GPT-2 stores these as Conv1D weights, (in, out): a Linear holds their transpose
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        with torch.no_grad():
+            for k, p in sd.items():
+                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                assert w.shape == p.shape, f"{k}: GPT-2 has shape {tuple(w.shape)}, this model {tuple(p.shape)}"
+                p.copy_(w)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """
+        AdamW with weight decay on every parameter of two or more dimensions (matmul weights
+        and embeddings) and none on biases and LayerNorm weights; fused where torch has it
+        and device_type is 'cuda'.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0},
+        ]
+        num_decay_params = sum(p.numel() for p in decay_params)
+        num_nodecay_params = sum(p.numel() for p in nodecay_params)
+        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
+        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
+        extra_args = dict(fused=True) if use_fused else dict()
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        print(f"using fused AdamW: {use_fused}")
+        return optimizer
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt):
+        """
+        Model FLOPs utilization: the FLOPs of fwdbwd_per_iter forward-backward passes of
+        block_size tokens in dt seconds, as a fraction of an A100's bfloat16 peak (312 TFLOPS).
+        Per token: 6 per parameter plus 12 per layer, head, head dimension and position
+        (PaLM, Chowdhery et al. 2022, appendix B).
+        """
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        flops_achieved = flops_per_iter * (1.0 / dt)  # per second
+        return flops_achieved / 312e12
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None, on_token=None):

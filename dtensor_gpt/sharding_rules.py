@@ -13,6 +13,11 @@ torch upgrade that changes them fails loudly instead of silently gathering activ
   ops here when, and only when, the layout makes them exact.
 - CPU SDPA: `_scaled_dot_product_flash_attention_for_cpu` and its backward have no rule;
   attention is independent per head, so everything sharded on the head dim is exact.
+- Optimizer lists: a plan leaves some parameters plain (LayerNorms under `megatron`), and
+  foreach and fused optimizer ops (`_foreach_*`, `_fused_adamw_`, ...) refuse a list that
+  mixes DTensors with non-scalar plain tensors, so foreach and fused AdamW fail on the
+  unchanged model. Those ops treat each list position on its own, so the DTensor positions
+  go through DTensor's rule and the plain ones run as plain tensors.
 """
 
 import contextlib
@@ -136,6 +141,51 @@ def _sdpa_backward_on_heads(grad_out, query, key, value, out, logsumexp, *args, 
     ]
 
 
+def _split_mixed_lists(op_call, args, kwargs):
+    """A foreach or fused optimizer op over per-parameter lists: DTensor and plain positions apart."""
+    n = len(args[0])
+
+    def per_position(a):
+        return isinstance(a, (list, tuple)) and len(a) == n
+
+    lists = [a for a in (*args, *kwargs.values()) if per_position(a)]
+    distributed = [any(isinstance(a[i], DTensor) for a in lists) for i in range(n)]
+    if all(distributed) or not any(distributed):
+        with _default_rule(op_call):
+            return op_call(*args, **kwargs)
+
+    def positions(want):
+        def pick(a):
+            return [x for x, d in zip(a, distributed) if d == want] if per_position(a) else a
+        return [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()}
+
+    dt_args, dt_kwargs = positions(True)
+    with _default_rule(op_call):
+        dt_out = op_call(*dt_args, **dt_kwargs)
+    plain_args, plain_kwargs = positions(False)
+    plain_out = op_call(*plain_args, **plain_kwargs)
+
+    def merge(dt, plain):
+        if dt is None:
+            return None
+        if isinstance(dt, tuple):
+            return tuple(merge(d, p) for d, p in zip(dt, plain))
+        dt, plain = iter(dt), iter(plain)
+        return [next(dt) if d else next(plain) for d in distributed]
+
+    return merge(dt_out, plain_out)
+
+
+def _per_parameter_ops():
+    """Every overload of the `_foreach_*` and `_fused_*` ops whose first argument is a list of tensors."""
+    for name in torch._C._dispatch_get_all_op_names():
+        if name.startswith(("aten::_foreach_", "aten::_fused_")):
+            packet, _, overload = name[len("aten::"):].partition(".")
+            op = getattr(getattr(aten, packet), overload or "default")
+            if str(op._schema.arguments[0].type) == "List[Tensor]":
+                yield op
+
+
 _registered = False
 
 
@@ -151,4 +201,5 @@ def register():
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)(
         _sdpa_backward_on_heads
     )
+    handlers.update(dict.fromkeys(_per_parameter_ops(), _split_mixed_lists))
     _registered = True

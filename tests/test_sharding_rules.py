@@ -1,12 +1,13 @@
 """
 Pins the private DTensor behaviour `dtensor_gpt.sharding_rules` relies on, on 2 gloo ranks:
-packed q|k|v placement, the local split and cat, their fallbacks, and the CPU SDPA rules.
+packed q|k|v placement, the local split and cat, their fallbacks, the CPU SDPA rules, and
+foreach and fused AdamW over parameter lists that mix DTensors and plain tensors.
 """
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -109,3 +110,53 @@ def test_sharding_rules_on_a_2d_mesh():
     failed = [name for name, ok in checks.items() if not ok]
     assert not failed, f"failed: {failed}"
     assert len(checks) == 4
+
+
+def _optimizer_lists(rank, world_size):
+    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    values = [torch.randn(8, 4), torch.randn(4), torch.randn(4, 8), torch.randn(3), torch.randn(5), torch.randn(6, 4)]
+    grads = [torch.randn_like(t) for t in values]
+    # interleaved, as in a model's parameter order; None: a parameter the plan leaves plain
+    placements = [[Shard(0)], None, [Replicate()], None, None, [Shard(1)]]
+
+    def steps(mixed, **kind):
+        def make(t, p):
+            return distribute_tensor(t, mesh, p) if mixed and p else t.clone()
+
+        params = [torch.nn.Parameter(make(t, p)) for t, p in zip(values, placements)]
+        for param, g, p in zip(params, grads, placements):
+            param.grad = make(g, p)
+        groups = [{"params": params[:4], "weight_decay": 0.1}, {"params": params[4:], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=1e-2, **kind)
+        for _ in range(2):
+            optimizer.step()
+        return params, optimizer
+
+    checks = {}
+    kinds = {"foreach": dict(foreach=True), "fused": dict(fused=True)}
+    for name, kind in kinds.items():
+        try:
+            steps(True, **kind)
+            checks[f"torch refuses mixed lists ({name}); if it no longer does, drop the handler"] = False
+        except RuntimeError as e:
+            checks[f"torch refuses mixed lists ({name}); if it no longer does, drop the handler"] = (
+                "mixed torch.Tensor and DTensor" in str(e))
+    sharding_rules.register()
+    for name, kind in kinds.items():
+        reference, _ = steps(False, **kind)
+        params, optimizer = steps(True, **kind)
+        checks[f"{name} AdamW on mixed lists equals plain tensors exactly"] = all(
+            torch.equal(p.full_tensor() if isinstance(p, DTensor) else p, r) for p, r in zip(params, reference))
+        checks[f"{name} AdamW state is laid out like its parameter"] = all(
+            isinstance(optimizer.state[p]["exp_avg"], DTensor) == isinstance(p, DTensor)
+            and getattr(optimizer.state[p]["exp_avg_sq"], "placements", None) == getattr(p, "placements", None)
+            for p in params)
+    return checks
+
+
+def test_foreach_and_fused_adamw_on_mixed_parameter_lists():
+    checks = run_distributed(_optimizer_lists, 2)
+    failed = [name for name, ok in checks.items() if not ok]
+    assert not failed, f"failed: {failed}"
+    assert len(checks) == 6
