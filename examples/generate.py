@@ -61,9 +61,8 @@ def load_model(args, mesh):
     config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__ if f in source.config}
     config["dropout"] = 0.0
     vocab = config["vocab_size"]
-    chars = source.extra.get("chars")
-    if not chars and args.tokenizer and args.tokenizer.endswith(".pkl"):
-        chars = chars_from_meta(args.tokenizer)
+    given = args.tokenizer and args.tokenizer.endswith(".pkl")
+    chars = chars_from_meta(args.tokenizer) if given else source.extra.get("chars")
     if chars and len(chars) != vocab:
         raise ValueError(f"the vocabulary has {len(chars)} characters but --checkpoint {args.checkpoint} "
                          f"has {vocab} tokens; give the meta.pkl of the run that trained it")
