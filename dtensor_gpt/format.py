@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dtensor_gpt import layout
-from dtensor_gpt.publish import fsync_dir, write_file
+from dtensor_gpt.publish import fsync_dir, not_a_real_directory, write_file
 
 FORMAT = "dtensor_gpt/2"
 PADDED_FORMAT = "dtensor_gpt/1"
@@ -50,8 +50,8 @@ def write_index(directory, index):
 
 def not_a_checkpoint(path):
     """Why the directory `path` may not be replaced as a checkpoint, or None if it may."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        return f"{path} is not a checkpoint directory; refusing to replace it"
+    if not_a_real_directory(path):
+        return not_a_real_directory(path)
     try:
         with open(os.path.join(path, INDEX)) as f:
             index = json.load(f)

@@ -72,6 +72,27 @@ def clean_stale_temporaries(path):
                   file=sys.stderr)
 
 
+def not_a_real_directory(path):
+    """Why `path` cannot be replaced as a directory (a link, a file), or None."""
+    if os.path.islink(path):
+        return f"{path} is a symbolic link; refusing to replace it (give the directory it points to, or a new path)"
+    if not os.path.isdir(path):
+        return f"{path} is not a directory; refusing to replace it"
+    return None
+
+
+def check_apart(source, destination):
+    """
+    Refuse a destination that is the source, holds it or lies inside it, links resolved:
+    replacing it would destroy what is being read.
+    """
+    src, dst = os.path.realpath(source), os.path.realpath(destination)
+    if src == dst or src.startswith(dst + os.sep) or dst.startswith(src + os.sep):
+        relation = "is" if src == dst else "holds" if src.startswith(dst + os.sep) else "lies inside"
+        raise ValueError(f"the destination {destination} {relation} the source {source} (resolved: {dst} and {src}); "
+                         f"write to a directory apart from it")
+
+
 def publish(tmp, path, overwrite, replaceable):
     """
     Rename the finished directory `tmp` to `path`. An existing `path` is replaced only with

@@ -24,7 +24,14 @@ from dtensor_gpt import layout
 from dtensor_gpt.format import FORMAT, CheckpointError, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.model import GPTConfig
 from dtensor_gpt.parallelize import check_divisible
-from dtensor_gpt.publish import clean_stale_temporaries, publish, temporary_beside, write_file
+from dtensor_gpt.publish import (
+    check_apart,
+    clean_stale_temporaries,
+    not_a_real_directory,
+    publish,
+    temporary_beside,
+    write_file,
+)
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
 from dtensor_gpt.sources import CHARACTERS, CONV1D, activation_note, gpt_names, open_source
 
@@ -210,8 +217,8 @@ def replaceable(to):
         return not_a_checkpoint
 
     def check(path):
-        if os.path.islink(path) or not os.path.isdir(path):
-            return f"{path} is not a directory; refusing to replace it"
+        if not_a_real_directory(path):
+            return not_a_real_directory(path)
         foreign = sorted(set(os.listdir(path)) - set(EXPORTS[to][1]))
         if foreign:
             return f"{path} holds {foreign}, which a --to {to} export does not write; refusing to replace it"
@@ -225,8 +232,9 @@ def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=
     if to != "native" and tp is not None:
         raise CheckpointError(f"--tp applies to --to native only; a --to {to} export holds the whole model")
     tp = 1 if tp is None else tp
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise CheckpointError("SRC and DST are the same path; write to a new directory")
+    if not os.path.exists(src):
+        raise CheckpointError(f"{src} does not exist")
+    check_apart(src, dst)
     clean_stale_temporaries(dst)
     if os.path.exists(dst):
         refusal = f"{dst} exists; pass --overwrite to replace it" if not overwrite else replaceable(to)(dst)

@@ -248,7 +248,7 @@ def test_cli_refusals(saved, tmp_path, capsys):
     assert reshard([str(saved / "tp1"), str(tmp_path / "x"), "--tp", "5"]) == 1
     assert "n_head=12 is not divisible by tp=5; use tp in {1, 2, 3, 4, 6, 12}" in capsys.readouterr().err
     assert reshard([str(tmp_path / "nothing"), str(tmp_path / "y")]) == 1
-    assert "is neither a checkpoint of this project" in capsys.readouterr().err
+    assert "nothing does not exist" in capsys.readouterr().err
     shutil.copytree(saved / "tp1", tmp_path / "z")
     assert reshard([str(saved / "tp2"), str(tmp_path / "z"), "--tp", "2", "--overwrite"]) == 0
     assert json.loads((tmp_path / "z" / "index.json").read_text())["tp"] == 2

@@ -137,3 +137,19 @@ def test_loaded_nanogpt_optimizer_state_is_the_runs(tmp_path):
     for name, p in params.items():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(mine.state[p][key], theirs[name][key]), (name, key)
+
+
+def test_destination_apart_from_the_source(tmp_path, capsys):
+    """The source itself, a folder holding it, or one inside it, links resolved, are never a destination."""
+    torch.manual_seed(0)
+    save_checkpoint(GPT(small_config()), str(tmp_path / "ckpt"))
+    (tmp_path / "alias").symlink_to(tmp_path / "ckpt")
+    for dst, relation in ((tmp_path / "alias", "is the source"), (tmp_path, "holds the source"),
+                          (tmp_path / "ckpt" / "inner", "lies inside the source")):
+        assert reshard([str(tmp_path / "ckpt"), str(dst), "--overwrite"]) == 1
+        assert relation in capsys.readouterr().err
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert reshard([str(tmp_path / "ckpt"), str(tmp_path / "link"), "--overwrite"]) == 1
+    assert "is a symbolic link; refusing to replace it" in capsys.readouterr().err
+    load_checkpoint(GPT(small_config()), str(tmp_path / "ckpt"))  # untouched
