@@ -23,7 +23,7 @@ from dtensor_gpt import layout
 from dtensor_gpt.apply_tp import tied_parameters
 from dtensor_gpt.format import FORMAT, CheckpointError, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.parallelize import plan_name
-from dtensor_gpt.publish import clean_stale_temporaries, publish, temporary_beside
+from dtensor_gpt.publish import clean_stale_temporaries, no_room, out_of_room, publish, temporary_beside
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
 from dtensor_gpt.sources import open_source
 
@@ -112,6 +112,21 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         if refusal:
             raise CheckpointError(refusal)
     named, tied = _named_tensors(model, optimizer, extra_tensors, parts)
+    tensors, mine = {}, []
+    for name, (t, split) in sorted(named.items()):
+        sharded = parts > 1 and split is not None
+        local = layout.tp_local(t)  # every rank takes part: gathering FSDP shards is collective
+        files = [rank_file(r, parts) for r in range(parts)] if sharded else [rank_file(0, parts)]
+        tensors[name] = dict(shape=list(t.shape), dtype=DTYPES[t.dtype], split=split, files=files)
+        if writer and (sharded or rank == 0):
+            mine.append((name, local))
+    sizes = [sum(t.numel() * t.element_size() for _, t in mine)]
+    if distributed:
+        sizes = [None] * dist.get_world_size()
+        dist.all_gather_object(sizes, sum(t.numel() * t.element_size() for _, t in mine))
+    needed = sum(sizes)
+    if no_room(path, needed):  # every rank sees the same folder, so all refuse alike, before writing
+        raise CheckpointError(no_room(path, needed))
     names = [uuid.uuid4().hex, temporary_beside(path)]
     if distributed:
         dist.broadcast_object_list(names, src=0)
@@ -121,26 +136,26 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     if distributed:
         dist.barrier()
 
-    tensors, mine = {}, []
-    for name, (t, split) in sorted(named.items()):
-        sharded = parts > 1 and split is not None
-        local = layout.tp_local(t)  # every rank takes part: gathering FSDP shards is collective
-        files = [rank_file(r, parts) for r in range(parts)] if sharded else [rank_file(0, parts)]
-        tensors[name] = dict(shape=list(t.shape), dtype=DTYPES[t.dtype], split=split, files=files)
-        if writer and (sharded or rank == 0):
-            mine.append((name, local))
     digest = {}
     if writer:
         fname = rank_file(rank, parts)
         meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts)
-        with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as out:
-            for n, t in mine:
-                out.write(n, t)
-        digest = {fname: dict(sha256=sha256(os.path.join(tmp, fname)), bytes=os.path.getsize(os.path.join(tmp, fname)))}
+        try:
+            with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as out:
+                for n, t in mine:
+                    out.write(n, t)
+            digest = {fname: dict(sha256=sha256(os.path.join(tmp, fname)), bytes=os.path.getsize(os.path.join(tmp, fname)))}
+        except OSError as e:  # reported to every rank below, so none waits and rank 0 removes the rest
+            digest = {None: out_of_room(e, path, needed)}
     digests = [digest]
     if distributed:
         digests = [None] * dist.get_world_size()
         dist.all_gather_object(digests, digest)
+    failed = [d[None] for d in digests if None in d]
+    if failed:
+        if first:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(failed[0])
     if first:
         config = asdict(model.config)
         index = dict(

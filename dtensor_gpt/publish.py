@@ -7,6 +7,7 @@ that names it (pid and host), which the next writer to the same destination remo
 Checkpoint saves, training runs and the converter all publish through here.
 """
 
+import errno
 import os
 import re
 import shutil
@@ -91,6 +92,25 @@ def check_apart(source, destination):
         relation = "is" if src == dst else "holds" if src.startswith(dst + os.sep) else "lies inside"
         raise ValueError(f"the destination {destination} {relation} the source {source} (resolved: {dst} and {src}); "
                          f"write to a directory apart from it")
+
+
+def no_room(path, needed):
+    """Why `needed` bytes cannot be written beside `path` (its folder missing, or too little space), or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{parent} does not exist; create it first, or write elsewhere"
+    free = shutil.disk_usage(parent).free
+    if needed <= free:
+        return None
+    return (f"no space for {path}: it needs {needed / 1e6:,.1f} MB and the device holding {parent} has "
+            f"{free / 1e6:,.1f} MB free; free some space or write elsewhere")
+
+
+def out_of_room(error, path, needed):
+    """An OSError raised while writing, as one sentence naming the path and the space needed."""
+    if error.errno == errno.ENOSPC:
+        return f"the device ran out of space while writing {path}: it needs {needed / 1e6:,.1f} MB; nothing of it was kept"
+    return f"writing {path} failed ({error}); nothing of it was kept"
 
 
 def publish(tmp, path, overwrite, replaceable):

@@ -12,6 +12,7 @@ that is renamed into place only when complete. No process group or torchrun is n
 
 import argparse
 import json
+import math
 import os
 import pickle
 import shutil
@@ -27,7 +28,9 @@ from dtensor_gpt.parallelize import check_divisible
 from dtensor_gpt.publish import (
     check_apart,
     clean_stale_temporaries,
+    no_room,
     not_a_real_directory,
+    out_of_room,
     publish,
     temporary_beside,
     write_file,
@@ -189,7 +192,7 @@ def write_nanogpt(source, tmp, dtype=None, progress_label="export"):
         model=model,
         model_args={f: c[f] for f in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")},
         iter_num=run.get("iter_num", source.extra.get("iter", 0)),
-        best_val_loss=torch.tensor(run.get("best_val_loss", source.extra.get("val_loss", 1e9))),
+        best_val_loss=torch.tensor(run.get("best_val_loss", source.extra.get("best_val_loss", 1e9))),
         config=config,
     )
     optimizer = nanogpt_optimizer(source, names, dtype)
@@ -245,6 +248,9 @@ def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=
     source = open_source(src, verify)
     if activation_note(source, src):
         print(activation_note(source, src), file=sys.stderr)
+    needed = output_bytes(source, dtype, to)
+    if no_room(dst, needed):
+        raise CheckpointError(no_room(dst, needed))
     tmp = temporary_beside(dst)
     try:
         if to == "native":
@@ -252,10 +258,20 @@ def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=
         else:
             EXPORTS[to][0](source, tmp, dtype)
         publish(tmp, dst, overwrite, replaceable(to))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(out_of_room(e, dst, needed)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return source
+
+
+def output_bytes(source, dtype, to):
+    """About what the output takes on disk: every tensor written (a Hugging Face export keeps only the model)."""
+    names = [n for n in source.tensors if to != "hf" or not n.startswith(("optimizer.", "extra."))]
+    return sum(math.prod(source.tensors[n]["shape"]) * (dtype or TORCH_DTYPES[source.tensors[n]["dtype"]]).itemsize
+               for n in names)
 
 
 def main(argv=None):

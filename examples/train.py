@@ -43,7 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default="char",
                    help="char (vocabulary from the file, or the characters saved with --resume/--init-from), "
                         "gpt2 (GPT-2 BPE via tiktoken), a .tiktoken ranks file, or a nanoGPT meta.pkl")
-    p.add_argument("--out", help="save the final checkpoint (model, optimizer, step, vocabulary) here")
+    p.add_argument("--out", help="save checkpoints (model, optimizer, step, data order, vocabulary) here, every "
+                                 "--save-interval iterations and at the end when the validation loss improved")
+    p.add_argument("--save-interval", type=int, help="iterations between checkpoints (default: --eval-interval)")
+    p.add_argument("--always-save-checkpoint", action="store_true",
+                   help="save at every --save-interval even if the validation loss did not improve (nanoGPT's "
+                        "always_save_checkpoint; by default only an improvement replaces the checkpoint)")
     p.add_argument("--resume", help="continue a run: a checkpoint --out wrote (at any TP degree) or a nanoGPT "
                                     "ckpt.pt (its out_dir): model, optimizer state, step (and data order, ours)")
     p.add_argument("--init-from", help="start from a model's weights with a fresh optimizer, as nanoGPT's init_from: "
@@ -80,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+    args.save_interval = args.save_interval or args.eval_interval
     if not os.path.isfile(args.data):
         p.error(f"--data {args.data} is not a file")
     if args.resume and args.init_from:
@@ -90,6 +96,14 @@ def parse_args(argv=None):
     if args.dp < 1 or args.batch_size % args.dp:
         p.error(f"--batch-size {args.batch_size} must split evenly over --dp {args.dp}")
     return args
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss: the run stops before it could save over a good checkpoint."""
+
+    def __init__(self, what, args):
+        kept = f"{args.out} keeps the last good checkpoint" if args.out and os.path.exists(args.out) else "nothing was saved"
+        super().__init__(f"{what}: the run diverged and stops; {kept}. Lower --lr, or check the data")
 
 
 def learning_rate(it, args):
@@ -220,16 +234,34 @@ def train(args, mesh, say=print):
             batches.set_state(saved["extra_tensors"]["batch_rng"])
             evals.set_state(saved["extra_tensors"]["eval_rng"])
         say(f"resumed {args.resume} at iteration {first}")
+    best = saved["extra"].get("best_val_loss", saved["extra"].get("nanogpt", {}).get("best_val_loss")) if args.resume else None
+    best = math.inf if best is None else best
+
+    def run_state(it):
+        """What --resume needs to continue from iteration `it` exactly."""
+        extra = {"iter": it, "lr_decay_iters": args.lr_decay_iters, "best_val_loss": best,
+                 "dataset": os.path.splitext(os.path.basename(args.data))[0]}
+        if isinstance(data.tokenizer, CharTokenizer):
+            extra["chars"] = data.tokenizer.chars
+        return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
+
     losses, evaluation, start = [], None, time.time()
     steps = args.gradient_accumulation_steps
     tokens_per_step = steps * args.batch_size * args.block_size
     for it in range(first, args.max_iters + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(it, args)
-        if (it % args.eval_interval == 0 and it > first) or it == 0 or it == args.max_iters:
+        save_point = args.out and it > first and (it % args.save_interval == 0 or it == args.max_iters)
+        if (it % args.eval_interval == 0 and it > first) or it == 0 or it == args.max_iters or save_point:
             evaluation = estimate_loss(model, data, args, evals, dp)
             say(f"step {it}: train loss {evaluation['train']:.4f}, val loss {evaluation['val']:.4f} "
                 f"({time.time() - start:.0f}s)")
+            if not all(math.isfinite(v) for v in evaluation.values()):
+                raise Diverged(f"the evaluation at iteration {it} gave {evaluation}", args)
+            improved, best = evaluation["val"] < best, min(best, evaluation["val"])
+            if save_point and (improved or args.always_save_checkpoint):
+                save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **run_state(it))
+                say(f"saved {args.out} at iteration {it}")
         if it == args.max_iters:
             break
         micro_losses = []
@@ -244,18 +276,15 @@ def train(args, mesh, say=print):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(sum(micro_losses) / steps)
+        if not math.isfinite(losses[-1]):  # every rank sees the same loss, so all stop here together
+            raise Diverged(f"the training loss at iteration {it} is {losses[-1]}", args)
         if it % args.log_interval == 0:
             elapsed = time.time() - start
             say(f"iter {it}: loss {losses[-1]:.4f}, lr {learning_rate(it, args):.2e}, "
                 f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
     say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
         f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}")
-    extra = {"iter": args.max_iters, "lr_decay_iters": args.lr_decay_iters, "val_loss": evaluation["val"],
-             "dataset": os.path.splitext(os.path.basename(args.data))[0]}
-    if isinstance(data.tokenizer, CharTokenizer):
-        extra["chars"] = data.tokenizer.chars
-    state = dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
-    return model, optimizer, data, state, losses, evaluation
+    return model, optimizer, data, run_state(args.max_iters), losses, evaluation
 
 
 def main():
@@ -267,13 +296,10 @@ def main():
     mesh, _ = init_distributed(shape, ("dp", "tp") if shape else None)
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     try:
-        model, optimizer, data, state, _, _ = train(args, mesh, say)
-    except ValueError as e:  # bad settings (plan, TP degree, --resume), found alike on every rank
+        train(args, mesh, say)
+    except (ValueError, Diverged) as e:  # bad settings, or a diverged run: found alike on every rank
         say(f"error: {e}", file=sys.stderr)
         exit_distributed(2)
-    if args.out:
-        save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **state)
-        say(f"saved {args.out}")
     exit_distributed()
 
 

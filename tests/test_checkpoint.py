@@ -327,3 +327,27 @@ def test_tanh_gelu_weights_are_announced(tmp_path, capsys):
     assert activation_note(open_source(str(tmp_path / "gelu")), "x") is None
     assert reshard([str(tmp_path / "gelu_new"), str(tmp_path / "native")]) == 0
     assert "uses gelu_new (tanh-approximated GELU)" in capsys.readouterr().err
+
+
+def _save_with_a_full_disk_on_rank_1(rank, world_size, path):
+    import errno
+
+    from dtensor_gpt import safetensors_stream
+
+    if rank == 1:
+        def full(self, name, tensor):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        safetensors_stream.StreamingWriter.write = full
+    torch.manual_seed(0)
+    model = parallelize(GPT(small_config()), init_device_mesh("cpu", (world_size,)))
+    try:
+        save_checkpoint(model, path)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_a_full_disk_on_one_rank_fails_every_rank(tmp_path):
+    message = run_distributed(_save_with_a_full_disk_on_rank_1, 2, str(tmp_path / "ckpt"))
+    assert message and "the device ran out of space while writing" in message, "rank 0 learns of rank 1's failure"
+    assert list(tmp_path.iterdir()) == [], "nothing partial remains"

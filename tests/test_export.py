@@ -153,3 +153,36 @@ def test_destination_apart_from_the_source(tmp_path, capsys):
     assert reshard([str(tmp_path / "ckpt"), str(tmp_path / "link"), "--overwrite"]) == 1
     assert "is a symbolic link; refusing to replace it" in capsys.readouterr().err
     load_checkpoint(GPT(small_config()), str(tmp_path / "ckpt"))  # untouched
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Too little room is refused before writing; a device that fills up while writing leaves no temporary."""
+    import errno
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from dtensor_gpt import publish, safetensors_stream
+    from dtensor_gpt.format import CheckpointError
+
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    save_checkpoint(model, str(tmp_path / "ckpt"))
+    real = shutil_module.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(publish.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    assert reshard([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--tp", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "no space for" in err and "0.0 MB free; free some space or write elsewhere" in err, err
+    with pytest.raises(CheckpointError, match=r"no space for .*again: it needs 0.9 MB"):
+        save_checkpoint(model, str(tmp_path / "again"))
+    monkeypatch.setattr(publish.shutil, "disk_usage", real)
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_stream.StreamingWriter, "write", full)
+    assert reshard([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--tp", "2"]) == 1
+    assert "the device ran out of space while writing" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="the device ran out of space while writing .*again: it needs 0.9 MB"):
+        save_checkpoint(model, str(tmp_path / "again"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no temporary is left behind"

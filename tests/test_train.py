@@ -18,17 +18,13 @@ TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "32
 def _losses(rank, world_size, plan, *extra):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dtensor_gpt import save_checkpoint
-
     sys.path.insert(0, str(ROOT / "examples"))
     from train import parse_args, train
 
-    args = parse_args(["--data", str(DATA), "--plan", plan, "--max-iters", "20", *TINY, *extra])
+    args = parse_args(["--data", str(DATA), "--plan", plan, "--max-iters", "20", "--always-save-checkpoint", *TINY, *extra])
     mesh = (init_device_mesh("cpu", (args.dp, world_size // args.dp), mesh_dim_names=("dp", "tp")) if args.dp > 1
             else init_device_mesh("cpu", (world_size,)))
-    model, optimizer, _, state, losses, evaluation = train(args, mesh, say=lambda *a: None)
-    if args.out:
-        save_checkpoint(model, args.out, optimizer=optimizer, **state)
+    _, _, _, _, losses, evaluation = train(args, mesh, say=lambda *a: None)
     return losses, evaluation
 
 
@@ -193,3 +189,54 @@ def test_gradient_accumulation_is_one_larger_batch(tmp_path):
     accumulated, _, _ = run_distributed(_run, 2, *common, "--batch-size", "4", "--gradient-accumulation-steps", "2")
     assert once[-1] < once[0]
     assert max(abs(a - b) for a, b in zip(once, accumulated)) < 1e-5
+
+
+def _logged(rank, world_size, *argv):
+    """train() on `argv`, returning what it said, or the error that stopped it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train import Diverged, parse_args, train
+
+    lines = []
+    try:
+        train(parse_args(list(argv)), init_device_mesh("cpu", (world_size,)), say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    except Diverged as e:
+        lines.append(f"error: {e}")
+    return lines
+
+
+def test_checkpoints_only_when_validation_improves(tmp_path):
+    """nanoGPT's rule: every --save-interval, the checkpoint is replaced only by a better model."""
+    import json
+    import re
+
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    lines = run_distributed(_logged, 2, "--data", str(tmp_path / "text.txt"), *TINY, "--max-iters", "24",
+                            "--save-interval", "4", "--eval-iters", "1", "--lr", "3e-3", "--out", str(tmp_path / "ckpt"))
+    vals = {int(m[1]): float(m[2]) for m in (re.match(r"step (\d+): .* val loss ([\d.]+)", l) for l in lines) if m}
+    saved = [int(m[1]) for m in (re.match(r"saved .* at iteration (\d+)", l) for l in lines) if m]
+    assert sorted(vals) == [0, 4, 8, 12, 16, 20, 24]
+    best, expected = vals[0], []
+    for it in sorted(vals)[1:]:
+        if vals[it] < best:
+            best = vals[it]
+            expected.append(it)
+    assert saved == expected and len(saved) >= 2, (vals, saved)
+    index = json.loads((tmp_path / "ckpt" / "index.json").read_text())
+    assert index["extra"]["iter"] == saved[-1] and abs(index["extra"]["best_val_loss"] - best) <= 5e-5  # printed to 4 places
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--out", str(tmp_path / "ckpt")]
+    run_distributed(_logged, 2, *common, "--max-iters", "4", "--always-save-checkpoint")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    lines = run_distributed(_logged, 2, *common, "--resume", str(tmp_path / "ckpt"), "--max-iters", "12",
+                            "--lr", "1e30", "--warmup-iters", "0", "--save-interval", "1", "--always-save-checkpoint")
+    assert "the run diverged and stops" in lines[-1] and "keeps the last good checkpoint" in lines[-1], lines[-3:]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
