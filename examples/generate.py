@@ -22,7 +22,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
 from dtensor_gpt.checkpoint import CheckpointError
-from dtensor_gpt.launch import exit_distributed, init_distributed
+from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
 from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
 from dtensor_gpt.sources import activation_note, open_source
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="a .tiktoken ranks file for GPT-2 checkpoints (offline use), or the "
                                        "meta.pkl of a nanoGPT character checkpoint")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token")
+    p.add_argument("--timeout", type=float, default=120,
+                   help="seconds any collective may wait for a peer before the job ends naming the ranks that "
+                        "stopped answering (default: 120)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
         p.error("--max-new-tokens and --top-k must be at least 1 and --temperature above 0")
@@ -97,7 +100,14 @@ def collectives_per_token(model, prompt):
 
 def main():
     args = parse_args()
-    mesh, device = init_distributed()
+    mesh, device = init_distributed(timeout=args.timeout)
+    with stalls_reported(args.timeout):
+        generate(args, mesh, device)
+    exit_distributed()
+
+
+def generate(args, mesh, device):
+    """Load, stream the tokens, and print the summary line (rank 0)."""
     rank = dist.get_rank()
     try:
         model, tokenizer = load_model(args, mesh)
@@ -142,7 +152,6 @@ def main():
                 f"{model.config.block_size} (past block_size the learned positions shift, as in nanoGPT)")
         print(f"\n--- {args.max_new_tokens} tokens in {seconds:.2f}s: {args.max_new_tokens / seconds:.1f} tokens/s; "
               f"tp={mesh.size()}, plan {args.plan}, {mode}; collectives per generated token: {per_token}")
-    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dtensor_gpt.grad import clip_grad_norm_
 from dtensor_gpt.format import not_a_checkpoint
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
-from dtensor_gpt.launch import exit_distributed, init_distributed
+from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
 from plans.spd import spd_blocks_from_text
 
 
@@ -83,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds any collective may wait for a peer (an evaluation or a save included) before the "
+                        "job ends naming the ranks that stopped answering (default: 600)")
     args = p.parse_args(argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     args.save_interval = args.save_interval or args.eval_interval
@@ -293,10 +296,11 @@ def main():
     if world % args.dp:
         raise SystemExit(f"error: --dp {args.dp} does not divide the {world} processes; use a divisor of {world}")
     shape = (args.dp, world // args.dp) if args.dp > 1 else None
-    mesh, _ = init_distributed(shape, ("dp", "tp") if shape else None)
+    mesh, _ = init_distributed(shape, ("dp", "tp") if shape else None, timeout=args.timeout)
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     try:
-        train(args, mesh, say)
+        with stalls_reported(args.timeout):
+            train(args, mesh, say)
     except (ValueError, Diverged) as e:  # bad settings, or a diverged run: found alike on every rank
         say(f"error: {e}", file=sys.stderr)
         exit_distributed(2)
