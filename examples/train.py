@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
                    help="biases in Linears and LayerNorms, as in GPT-2 (nanoGPT's train.py: --no-bias; "
                         "val loss 0.009 higher over 5 seeds of the anchor run, README)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout probability (nanoGPT's CPU run: 0.0; its shakespeare_char config: 0.2); under TP "
+                        "each shard draws its own mask, replicated activations the same mask on every rank")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--max-iters", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -95,7 +98,7 @@ def build(args, data, mesh):
     """The model, tensor-parallel over the mesh's "tp" dimension and, with a "dp" one, FSDP2 over it."""
     torch.manual_seed(args.seed)
     config = GPTConfig(block_size=args.block_size, vocab_size=data.vocab_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=args.bias)
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
     model = GPT(config)
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=True, **options)
