@@ -165,7 +165,8 @@ def test_residual_stream_dropouts(tp):
     """
     masks = run_distributed(_residual_masks, tp)
     assert len(masks["megatron-sp"]) == len(masks["megatron"]) == 1 + 2 * 2
-    for name, m in masks["megatron-sp"].items():  # (B, T, C)
+    for name, m in masks["megatron-sp"].items():
+        assert m.dim() == 3, f"megatron-sp {name} must act on a sequence-sharded DTensor, (B, T, C)"
         dropped = 1 - m.mean().item()
         assert abs(dropped - P) < 0.01, f"megatron-sp {name} drops {dropped:.4f}, expected {P}"
         shards = m.chunk(tp, dim=1)
