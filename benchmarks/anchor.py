@@ -20,9 +20,19 @@ import sys
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, "..", "examples", "train.py")
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint  # noqa: E402
 from dtensor_gpt.data import TextData, mean_loss  # noqa: E402
+
+
+def train_once(data, seed, out, nproc, extra=()):
+    """Run examples/train.py under torchrun; return (its final val loss on 20 random batches, seconds)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               TRAIN, "--data", data, "--seed", str(seed), "--out", out, "--always-save-checkpoint", *extra]
+    log = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    final = re.search(r"trained to iteration \d+ in (\d+)s; final val loss ([\d.]+)", log)
+    return float(final.group(2)), int(final.group(1))
 
 
 def whole_split_loss(path, data, block_size):
@@ -43,16 +53,11 @@ def main():
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--dir", default=os.path.join(HERE, "out", "anchor"))
     args = parser.parse_args(argv)
-    train = os.path.join(HERE, "..", "examples", "train.py")
     data = TextData(args.data)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = os.path.join(args.dir, f"seed-{seed}")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                   train, "--data", args.data, "--seed", str(seed), "--out", out, *extra]
-        log = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        final = re.search(r"trained to iteration \d+ in (\d+)s; final val loss ([\d.]+)", log)
-        seconds, sampled = int(final.group(1)), float(final.group(2))
+        sampled, seconds = train_once(args.data, seed, out, args.nproc, extra)
         whole = whole_split_loss(out, data, 64)
         rows.append((seed, sampled, whole, seconds))
         print(f"seed {seed}: val loss {sampled:.4f} (20 batches), {whole:.4f} (whole split), {seconds} s", flush=True)

@@ -61,7 +61,7 @@ def main():
     data = TextData(args.data)
     if not os.path.exists(args.model):
         subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "train.py"), "--data", args.data,
-                        "--bias", "--max-iters", str(args.steps), "--out", args.model], check=True)
+                        "--bias", "--max-iters", str(args.steps), "--out", args.model, "--always-save-checkpoint"], check=True)
     with open(os.path.join(args.model, "index.json")) as f:
         config = GPTConfig(**json.load(f)["config"])
     generator = torch.Generator().manual_seed(0)

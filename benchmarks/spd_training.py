@@ -66,7 +66,7 @@ def main():
             else:
                 subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                                 train, "--data", args.data, "--no-bias", "--plan", plan, "--spd-blocks", blocks, "--seed", str(seed),
-                                "--out", out], check=True, stdout=subprocess.DEVNULL)
+                                "--out", out, "--always-save-checkpoint"], check=True, stdout=subprocess.DEVNULL)
     print("| plan (4 blocks) | all-reduces per forward in blocks | val loss, trained so (ppl) | "
           "val loss, SPD applied zero-shot to the megatron model (ppl) | per seed " + ", ".join(map(str, seeds)) + " |")
     print("|---|---|---|---|---|")

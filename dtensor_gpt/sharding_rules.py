@@ -18,6 +18,15 @@ torch upgrade that changes them fails loudly instead of silently gathering activ
   mixes DTensors with non-scalar plain tensors, so foreach and fused AdamW fail on the
   unchanged model. Those ops treat each list position on its own, so the DTensor positions
   go through DTensor's rule and the plain ones run as plain tensors.
+- Dropout on CPU: `F.dropout` draws its mask with `bernoulli_`. DTensor's RNG tracker
+  refuses CPU, so each rank would fill its shard from the default generator, all ranks in
+  the same state: the same mask for different shards. Here a sharded tensor gets one seed
+  per shard drawn from the default generator (every rank draws them all, so the stream
+  stays identical on every rank, as replicated activations need) and each rank fills its
+  shard from its own shard's seed.
+- Plain tensors in the CPU math attention: with dropout, CPU SDPA decomposes into ops that
+  add a plain causal mask to DTensor scores; `plain_tensors_replicated()` lets a style treat
+  such tensors as replicated within one module's forward.
 """
 
 import contextlib
@@ -121,6 +130,50 @@ def _packed_cat(op_call, args, kwargs):
     return _wrap(local, first.device_mesh, placements, shape)
 
 
+def _shard_index(x):
+    """(this rank's shard, number of shards) over the mesh dims that shard `x`; None if none do."""
+    coordinate = x.device_mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh: DTensor's rule skips the op
+        return None
+    index, count = 0, 1
+    for mesh_dim, placement in enumerate(x.placements):
+        if isinstance(placement, (Shard, _StridedShard)):
+            size = x.device_mesh.size(mesh_dim)
+            index, count = index * size + coordinate[mesh_dim], count * size
+        elif not isinstance(placement, Replicate):
+            return None
+    return (index, count) if count > 1 else None
+
+
+def _sharded_bernoulli_(op_call, args, kwargs):
+    """bernoulli_(x, p) of a tensor sharded on a CPU mesh: an independent draw for every shard."""
+    x = args[0]
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    shard = _shard_index(x) if x.device_mesh.device_type == "cpu" else None
+    if shard is None:
+        with _default_rule(op_call):
+            return op_call(*args, **kwargs)
+    index, count = shard
+    seeds = torch.randint(2**63 - 1, (count,), generator=kwargs.get("generator"))
+    x._local_tensor.bernoulli_(p, generator=torch.Generator().manual_seed(seeds[index].item()))
+    return x
+
+
+@contextlib.contextmanager
+def plain_tensors_replicated():
+    """
+    `implicit_replication()` that restores the setting it found, so that it nests: a plain
+    tensor meeting a DTensor counts as replicated (every rank holds the same values).
+    """
+    dispatcher = DTensor._op_dispatcher
+    before = dispatcher._allow_implicit_replication
+    dispatcher._allow_implicit_replication = True
+    try:
+        yield
+    finally:
+        dispatcher._allow_implicit_replication = before
+
+
 def _sdpa_on_heads(query, key, value, *args, attn_mask=None, **kwargs):
     """Forward: q, k, v and the output all sharded on heads (dim 1), or all replicated."""
     if attn_mask is not None:
@@ -197,6 +250,7 @@ def register():
     handlers = DTensor._op_dispatcher._custom_op_handlers
     handlers[aten.split.Tensor] = _packed_split
     handlers[aten.cat.default] = _packed_cat
+    handlers[aten.bernoulli_.float] = _sharded_bernoulli_
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)(_sdpa_on_heads)
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)(
         _sdpa_backward_on_heads

@@ -5,9 +5,9 @@ ParallelStyles that PyTorch does not ship, written like the ones in
 
 import torch.nn as nn
 from torch.distributed.tensor import distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput
 
-from dtensor_gpt.sharding_rules import strided_shard
+from dtensor_gpt.sharding_rules import plain_tensors_replicated, strided_shard
 
 
 class PackedColwiseParallel(ColwiseParallel):
@@ -57,3 +57,37 @@ class PackedColwiseParallel(ColwiseParallel):
         if not isinstance(module, nn.Linear):
             raise ValueError(f"PackedColwiseParallel shards nn.Linear modules, not {type(module).__name__}")
         return super()._apply(module, device_mesh)
+
+
+class PrepareAttentionInput(PrepareModuleInput):
+    """
+    `PrepareModuleInput` for an attention module whose plain tensors are replicated.
+
+    With dropout, CPU SDPA takes its math path, a decomposition that builds the causal mask
+    as a plain tensor and adds it to the heads-sharded DTensor scores, which DTensor refuses.
+    The mask is the same on every rank, so within this module's forward (and only there)
+    plain tensors meeting DTensors count as replicated. Inputs are prepared exactly as
+    `PrepareModuleInput` does; without dropout nothing changes (the fused kernel makes no
+    plain tensor).
+
+    Example::
+        >>> parallelize_module(model, tp_mesh, {"transformer.h.*.attn": PrepareAttentionInput(
+        >>>     input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))})
+    """
+
+    def _apply(self, module, device_mesh):
+        super()._apply(module, device_mesh)
+        scopes = []
+
+        def enter(module, args):
+            scope = plain_tensors_replicated()
+            scope.__enter__()
+            scopes.append(scope)
+
+        def leave(module, args, output):
+            if scopes:  # not entered if an earlier pre-hook failed
+                scopes.pop().__exit__(None, None, None)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave, always_call=True)
+        return module

@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=12, help="rows per micro-batch (all data-parallel ranks together)")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1,
                    help="micro-batches per optimizer step, as nanoGPT's gradient_accumulation_steps")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout probability (nanoGPT's CPU run: 0.0; its shakespeare_char config: 0.2); under TP "
+                        "each shard draws its own mask, replicated activations the same mask on every rank")
     p.add_argument("--max-iters", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
@@ -126,7 +129,7 @@ def model_config(args, source, data):
     """
     given = {f: getattr(args, f) for f in NEW_MODEL if getattr(args, f) is not None}
     if source is None:
-        return GPTConfig(**{**NEW_MODEL, **given, "vocab_size": data.vocab_size, "dropout": 0.0})
+        return GPTConfig(**{**NEW_MODEL, **given, "vocab_size": data.vocab_size, "dropout": args.dropout})
     saved = {f: source.config[f] for f in (*NEW_MODEL, "vocab_size")}
     clash = {f: v for f, v in given.items() if v != saved[f]}
     if clash:
@@ -136,7 +139,7 @@ def model_config(args, source, data):
     if data.vocab_size > saved["vocab_size"]:
         raise ValueError(f"the tokenizer has {data.vocab_size} tokens but the checkpoint's model only "
                          f"{saved['vocab_size']}; use the tokenizer it was trained with")
-    return GPTConfig(**saved, dropout=0.0)
+    return GPTConfig(**saved, dropout=args.dropout)
 
 
 def tokenizer_for(args, source):

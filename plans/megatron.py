@@ -9,21 +9,18 @@ for generation) or left sharded for `loss_parallel()` (training).
 """
 
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-)
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from dtensor_gpt.styles import PackedColwiseParallel
+from dtensor_gpt.styles import PackedColwiseParallel, PrepareAttentionInput
 
 
 def block():
     """Styles for one block, keyed by path inside the block."""
     return {
         # x enters attention as a replicated DTensor so the model's shape arithmetic
-        # (B, T, C = x.size()) sees global sizes; c_attn gives q|k|v of each rank's own heads
-        "attn": PrepareModuleInput(
+        # (B, T, C = x.size()) sees global sizes (and, with dropout, the CPU math attention's
+        # causal mask counts as replicated); c_attn gives q|k|v of each rank's own heads
+        "attn": PrepareAttentionInput(
             input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
         ),
         "attn.c_attn": PackedColwiseParallel(),

@@ -18,12 +18,12 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-from dtensor_gpt.styles import PackedColwiseParallel
+from dtensor_gpt.styles import PackedColwiseParallel, PrepareAttentionInput
 
 
-def gather_sequence():
-    """Enter a tensor-parallel region: all-gather the sequence shards."""
-    return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False)
+def gather_sequence(style=PrepareModuleInput):
+    """Enter a tensor-parallel region: all-gather the sequence shards (with `style`, a PrepareModuleInput)."""
+    return style(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False)
 
 
 def plan(model, mesh, *, loss_parallel=False):
@@ -38,7 +38,7 @@ def plan(model, mesh, *, loss_parallel=False):
         "transformer.drop": SequenceParallel(use_local_output=False),
         # 2. per block: LayerNorms on sequence shards; attention and MLP gathered in, scattered out
         "transformer.h.*.ln_1": SequenceParallel(use_local_output=False),
-        "transformer.h.*.attn": gather_sequence(),
+        "transformer.h.*.attn": gather_sequence(PrepareAttentionInput),
         "transformer.h.*.attn.c_attn": PackedColwiseParallel(),
         "transformer.h.*.attn.c_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "transformer.h.*.ln_2": SequenceParallel(use_local_output=False),

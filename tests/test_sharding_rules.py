@@ -1,7 +1,8 @@
 """
 Pins the private DTensor behaviour `dtensor_gpt.sharding_rules` relies on, on 2 gloo ranks:
-packed q|k|v placement, the local split and cat, their fallbacks, the CPU SDPA rules, and
-foreach and fused AdamW over parameter lists that mix DTensors and plain tensors.
+packed q|k|v placement, the local split and cat, their fallbacks, the CPU SDPA rules, the
+per-shard dropout masks, the scoped implicit replication, and foreach and fused AdamW over
+parameter lists that mix DTensors and plain tensors.
 """
 
 import torch
@@ -160,3 +161,58 @@ def test_foreach_and_fused_adamw_on_mixed_parameter_lists():
     failed = [name for name, ok in checks.items() if not ok]
     assert not failed, f"failed: {failed}"
     assert len(checks) == 6
+def _random_rules(rank, world_size):
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    sharding_rules.register()
+    mesh = init_device_mesh("cpu", (world_size,))
+    checks = {}
+
+    def gather(t):
+        every = [torch.empty_like(t) for _ in range(world_size)]
+        torch.distributed.all_gather(every, t)
+        return every
+
+    def mask_and_step(x):
+        """This rank's mask, and whether the default generator is in the same state on every rank after it."""
+        torch.manual_seed(0)
+        local = x.bernoulli_(0.5).to_local().clone()
+        states = gather(torch.get_rng_state())
+        return local, all(torch.equal(s, states[0]) for s in states)
+
+    local, in_step = mask_and_step(distribute_tensor(torch.empty(4, 1000), mesh, [Shard(0)]))
+    every = gather(local)
+    checks["sharded: each shard its own mask"] = not torch.equal(every[0], every[1])
+    checks["sharded: the default generator stays in step"] = in_step
+    torch.manual_seed(0)
+    seeds = torch.randint(2**63 - 1, (world_size,))
+    checks["sharded: shard r from the r-th seed drawn"] = torch.equal(
+        every[1], torch.empty(2, 1000).bernoulli_(0.5, generator=torch.Generator().manual_seed(seeds[1].item()))
+    )
+    local, in_step = mask_and_step(distribute_tensor(torch.empty(3, 1000), mesh, [Shard(0)]))
+    checks["uneven shards: the default generator stays in step"] = in_step and local.shape[0] == 2 - rank
+    local, in_step = mask_and_step(distribute_tensor(torch.empty(4, 1000), mesh, [Replicate()]))
+    every = gather(local)
+    checks["replicated: DTensor's rule, one mask on every rank"] = torch.equal(every[0], every[1]) and in_step
+
+    x = distribute_tensor(torch.ones(2, 3), mesh, [Shard(0)])
+    plain = torch.ones(2, 3)
+    try:
+        x + plain
+        checks["mixing plain tensors is refused by default"] = False
+    except RuntimeError:
+        checks["mixing plain tensors is refused by default"] = True
+    with sharding_rules.plain_tensors_replicated():
+        checks["plain tensors count as replicated"] = torch.equal((x + plain).full_tensor(), torch.full((2, 3), 2.0))
+    with implicit_replication():
+        with sharding_rules.plain_tensors_replicated():
+            pass
+        checks["an enclosing implicit_replication() survives"] = torch.equal((x + plain).full_tensor(), 2 * plain)
+    return checks
+
+
+def test_dropout_rules_on_two_ranks():
+    checks = run_distributed(_random_rules, 2)
+    failed = [name for name, ok in checks.items() if not ok]
+    assert not failed, f"failed: {failed}"
+    assert len(checks) == 8
