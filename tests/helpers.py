@@ -147,3 +147,26 @@ def write_text(path, n=20000):
     with open(path, "w") as f:
         f.write(text)
     return sorted(set(text))
+
+
+def as_written_before_index_hashes(path, fmt="dtensor_gpt/2", **index_changes):
+    """
+    Rewrite the checkpoint at `path` (a pathlib.Path) as versions before format 3 wrote it:
+    rank files without `index_sha256`, labelled `fmt`, and the index with `index_changes`.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dtensor_gpt.format import sha256
+
+    index = json.loads((path / "index.json").read_text())
+    for fname in index["files"]:
+        with safe_open(path / fname, "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if k != "index_sha256"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, path / fname, metadata={**meta, "format": fmt})
+        index["files"][fname] = dict(sha256=sha256(path / fname), bytes=(path / fname).stat().st_size)
+    index.update(format=fmt, **index_changes)
+    (path / "index.json").write_text(json.dumps(index))
