@@ -240,3 +240,15 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
                             "--lr", "1e30", "--warmup-iters", "0", "--save-interval", "1", "--always-save-checkpoint")
     assert "the run diverged and stops" in lines[-1] and "keeps the last good checkpoint" in lines[-1], lines[-3:]
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+
+
+def test_resume_with_dropout_is_exact(tmp_path):
+    """The masks are a function of (seed, iteration, dp rank): a resumed dropout run draws what the straight one did."""
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--dropout", "0.2", "--eval-iters", "1"]
+    straight, _, _ = run_distributed(_run, 2, *common, "--max-iters", "8")
+    run_distributed(_run, 2, *common, "--max-iters", "4", "--out", str(tmp_path / "at4"), "--always-save-checkpoint")
+    resumed, _, _ = run_distributed(_run, 2, *common, "--max-iters", "8", "--resume", str(tmp_path / "at4"))
+    assert len(resumed) == 4 and max(abs(a - b) for a, b in zip(resumed, straight[4:])) < 1e-6
