@@ -294,6 +294,10 @@ def train(args, mesh, say=print):
                 say(f"saved {args.out} at iteration {it}")
         if it == args.max_iters:
             break
+        # dropout masks: a pure function of (seed, iteration, data-parallel rank), so a resumed run
+        # draws what the uninterrupted one did, TP ranks alike (their replicated activations
+        # must drop the same elements) and data-parallel replicas apart (their rows differ)
+        torch.manual_seed((args.seed << 40) ^ (it << 16) ^ dp.rank)
         micro_losses = []
         for _ in range(steps):
             x, y = dp.rows(*data.batch("train", args.batch_size, args.block_size, batches))

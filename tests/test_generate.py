@@ -154,6 +154,21 @@ def test_bpe_train_then_generate_offline(tmp_path):
         in refused.stderr, refused.stderr[-2000:]
 
 
+def _workers(launcher):
+    """{local rank: pid} of the processes torchrun (pid `launcher`) started."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        ranks = [v[len(b"LOCAL_RANK="):] for v in environ if v.startswith(b"LOCAL_RANK=")]
+        if parent == launcher and ranks:
+            found[int(ranks[0])] = int(entry)
+    return found
+
+
 def test_a_stalled_rank_ends_the_job_naming_it(tmp_path):
     """SIGSTOP one rank mid-generation: the job ends after --timeout, and rank 0 names the stalled rank."""
     import signal
@@ -161,29 +176,25 @@ def test_a_stalled_rank_ends_the_job_naming_it(tmp_path):
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "examples" / "generate.py"), "--max-new-tokens", "1000000", "--timeout", "5"]
+           str(ROOT / "examples" / "generate.py"), "--max-new-tokens", "20000", "--timeout", "5"]
     out, err = open(tmp_path / "out", "w+"), open(tmp_path / "err", "w+")
-    job = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
-    stopped = None
+    job = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+    workers = {}
     try:
         deadline = time.time() + 120
         while os.path.getsize(tmp_path / "out") < 200 and time.time() < deadline:  # generating
             time.sleep(0.2)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and entry != str(job.pid):
-                try:
-                    environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-                except OSError:
-                    continue
-                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-                if b"LOCAL_RANK=1" in environ and parent == job.pid:
-                    stopped = int(entry)
-        assert stopped, "rank 1's process must be found"
-        os.kill(stopped, signal.SIGSTOP)
+        workers = _workers(job.pid)
+        assert sorted(workers) == [0, 1], "torchrun's two ranks must be found"
+        os.kill(workers[1], signal.SIGSTOP)
         while "do not answer" not in open(tmp_path / "err").read() and time.time() < deadline:
             time.sleep(0.2)
         assert "error: a collective did not complete within --timeout 5 s: rank(s) 1 do not answer (stalled or dead)" \
             in open(tmp_path / "err").read()
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        for pid in [job.pid, *workers.values()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         job.wait()

@@ -242,3 +242,43 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
                             "--lr", "1e30", "--warmup-iters", "0", "--save-interval", "1", "--always-save-checkpoint")
     assert "the run diverged and stops" in lines[-1] and "keeps the last good checkpoint" in lines[-1], lines[-3:]
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+
+
+def test_resume_with_dropout_is_exact(tmp_path):
+    """The masks are a function of (seed, iteration, dp rank): a resumed dropout run draws what the straight one did."""
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--dropout", "0.2", "--eval-iters", "1"]
+    straight, _, _ = run_distributed(_run, 2, *common, "--max-iters", "8")
+    run_distributed(_run, 2, *common, "--max-iters", "4", "--out", str(tmp_path / "at4"), "--always-save-checkpoint")
+    resumed, _, _ = run_distributed(_run, 2, *common, "--max-iters", "8", "--resume", str(tmp_path / "at4"))
+    assert len(resumed) == 4 and max(abs(a - b) for a, b in zip(resumed, straight[4:])) < 1e-6
+
+
+def _refused(rank, world_size, *argv):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from train import parse_args, train
+
+    try:
+        train(parse_args(list(argv)), init_device_mesh("cpu", (world_size,)), say=lambda *a, **k: None)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_out_holding_a_users_file_is_refused_before_training(tmp_path):
+    """The shipped model's retrain command once deleted its README: --out is checked first, and kept whole."""
+    import shutil
+
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    shutil.copytree(ROOT / "examples" / "models" / "shakespeare_char", tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("how this model was made")
+    message = run_distributed(_refused, 1, "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "model"),
+                              "--max-iters", "100000")
+    assert "--out: " in message and "holds ['README.md'], which its index.json does not name" in message
+    assert (tmp_path / "model" / "README.md").read_text() == "how this model was made"
