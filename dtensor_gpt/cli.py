@@ -80,9 +80,6 @@ def number(above=None, at_least=None, below=None):
     return check
 
 
-SEED = integer(0, 2**63 - 1)  # torch.manual_seed takes 64-bit seeds; train.py also seeds with seed + 1
-
-
 def _not_alltoall_fallback(record):
     return "does not support alltoall" not in record.getMessage()
 

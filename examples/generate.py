@@ -21,7 +21,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
 from dtensor_gpt.checkpoint import CheckpointError
-from dtensor_gpt.cli import SEED, ArgumentParser, integer, number, quiet_dtensor_notes
+from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
 from plans import PLANS
 from plans.spd import spd_blocks_from_text
@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=number(above=0), default=0.8,
                    help="divides the logits before sampling: lower is more conservative")
     p.add_argument("--top-k", type=integer(1), default=200, help="sample among the k likeliest tokens; 1 is greedy")
-    p.add_argument("--seed", type=SEED, default=1337, help="seeds the sampling: the same seed gives the same text")
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=1337,  # within torch.manual_seed's 64 bits
+                   help="seeds the sampling: the same seed gives the same text")
     p.add_argument("--tokenizer", help="a .tiktoken ranks file for GPT-2 checkpoints (offline use), or the "
                                        "meta.pkl of a nanoGPT character checkpoint (default: the characters saved "
                                        "with the checkpoint, or tiktoken's gpt2 encoding)")

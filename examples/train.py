@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
-from dtensor_gpt.cli import SEED, ArgumentParser, integer, number, quiet_dtensor_notes
+from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
 from dtensor_gpt.format import not_a_checkpoint
@@ -97,7 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-interval", type=integer(1), default=250, help="iterations between evaluations")
     p.add_argument("--eval-iters", type=integer(1), default=20, help="batches per split in each evaluation")
     p.add_argument("--log-interval", type=integer(1), default=50, help="iterations between progress lines")
-    p.add_argument("--seed", type=SEED, default=1337, help="seeds the initial weights and the batches")
+    # each step's dropout seed, (seed << 40) ^ (it << 16) ^ rank, must fit torch.manual_seed's 64 bits
+    p.add_argument("--seed", type=integer(0, 2**24 - 1), default=1337,
+                   help="seeds the initial weights, the batches and the dropout masks")
     p.add_argument("--timeout", type=number(above=0), default=600,
                    help="seconds any collective may wait for a peer (an evaluation or a save included) before the "
                         "job ends naming the ranks that stopped answering")

@@ -110,7 +110,8 @@ TRAIN = [
     (["--timeout", "0"], "argument --timeout: '0' is not a finite number above 0"),
     (["--timeout", "inf"], "argument --timeout: 'inf' is not a finite number above 0"),
     (["--lr", "nan"], "argument --lr: 'nan' is not a finite number above 0"),
-    (["--seed", TWENTY_DIGITS], f"argument --seed: '{TWENTY_DIGITS}' is not a whole number from 0 to 9223372036854775807"),
+    (["--seed", TWENTY_DIGITS], f"argument --seed: '{TWENTY_DIGITS}' is not a whole number from 0 to 16777215"),
+    (["--seed", str(2**24)], "argument --seed: '16777216' is not a whole number from 0 to 16777215"),
     (["--tokenizer", "missing.tiktoken"], "--tokenizer missing.tiktoken is not a file; give char, gpt2, a .tiktoken "
                                           "ranks file or a nanoGPT meta.pkl"),
     (["--tokenizer", "data/meta.pkl"], "--tokenizer data/meta.pkl is not a file"),
