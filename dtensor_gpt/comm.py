@@ -14,6 +14,7 @@ ring algorithms: all-reduce moves 2(N-1)/N of the message, all-gather and reduce
 """
 
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -33,6 +34,7 @@ from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig, KVCache
 from dtensor_gpt.parallelize import check_divisible, parallelize
+from dtensor_gpt.sampling import VocabParallelSampler, exchanged_bytes
 from plans import PLANS
 from plans.spd import parse_spd_blocks, spd_blocks_from_text
 
@@ -42,6 +44,7 @@ KINDS = {
     _funcol.all_gather_into_tensor: "all_gather",
     _funcol.reduce_scatter_tensor: "reduce_scatter",
 }
+TOP_K = 200  # examples/generate.py's and nanoGPT's sample.py's default
 WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                  "reduce_scatter": lambda n: (n - 1) / n}
 
@@ -75,8 +78,11 @@ class _Recorder(CommDebugMode):
         return out
 
 
-def record_collectives(model, idx, targets=None, backward=False, cache=None):
-    """The collectives of model(idx[, targets][, cache]) (and its backward) in issue order."""
+def record_collectives(model, idx, targets=None, backward=False, cache=None, sample=None):
+    """
+    The collectives of model(idx[, targets][, cache]) (and its backward, or `sample` of the
+    last position's logits, as generation picks the next token) in issue order.
+    """
     warnings.filterwarnings("ignore", "Full backward hook is firing")
     recorder = _Recorder()
     lp = loss_parallel() if targets is not None else contextlib.nullcontext()
@@ -85,6 +91,8 @@ def record_collectives(model, idx, targets=None, backward=False, cache=None):
         logits, loss = model(idx, targets, cache=cache)
         if backward:
             loss.backward()
+        if sample is not None:
+            sample(logits[:, -1, :])
     if isinstance(logits, AsyncCollectiveTensor):
         logits.wait()  # the gather was issued; finish it before the process group goes
     return recorder.collectives
@@ -105,7 +113,7 @@ def part_of_model(module):
     return "model"
 
 
-def minimum(plan, config, batch, seq, tp, backward, dropped):
+def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, decode=False):
     """
     The fewest collectives each part of the model needs under `plan`: (phase, kind, bytes).
 
@@ -115,7 +123,9 @@ def minimum(plan, config, batch, seq, tp, backward, dropped):
     input feeds: ln_2's weight and bias and attn.c_proj's bias). Generation gathers only the
     last position's logits; training (with `backward`) keeps them vocab-sharded and its
     cross entropy needs 2 all-reduces of (B, T) floats: the max, then the sum of
-    exponentials together with the target logit.
+    exponentials together with the target logit. A generated token (`seq` 1 without
+    `backward`) needs no logits at all: vocabulary-parallel sampling (dtensor_gpt.sampling)
+    gathers each rank's `top_k` best candidates, or its one winner of the full softmax.
     """
     s = 4  # fp32
     act = batch * seq * config.n_embd * s
@@ -136,6 +146,9 @@ def minimum(plan, config, batch, seq, tp, backward, dropped):
         need["head"] = [("forward", "all_gather", act), ("backward", "reduce_scatter", act)] if sp else [
             ("backward", "all_reduce", act)]
         need["model"] = [("forward", "all_reduce", batch * seq * s), ("forward", "all_reduce", 2 * batch * seq * s)]
+    elif decode:
+        need["head"] = [("forward", "all_gather", batch * config.n_embd * s)] if sp else []
+        need["model"] = [("forward", "all_gather", exchanged_bytes(config.vocab_size, tp, batch, top_k))]
     else:
         last = batch * config.n_embd * s
         need["head"] = ([("forward", "all_gather", last)] if sp else []) + [
@@ -160,13 +173,16 @@ def _excess(measured, needed):
     return extra
 
 
-def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, **plan_options):
+def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, top_k=TOP_K,
+                **plan_options):
     """
     Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
     process group and return what it communicated, per module and per part of the model,
     next to the plan's minimum. `config` is a GPTConfig or a name from `configs.CONFIGS`.
     With `decode`, the forward measured is one generated token after a `seq`-token prompt
-    held in a KV cache: the collectives per generated token.
+    held in a KV cache, and the choice of the next token from its logits by vocabulary-parallel
+    sampling among the `top_k` best (None: the full softmax), as examples/generate.py does:
+    the collectives per generated token.
     """
     config = config_by_name(config) if isinstance(config, str) else config
     if plan not in PLANS:
@@ -178,6 +194,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError(f"seq={seq} must be in 1..block_size={config.block_size}")
     if dist.is_initialized():
         raise ValueError("comm_report runs its own fake process group; call it outside a distributed job")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer, or None for the full softmax")
     if decode and (backward or seq >= config.block_size):
         raise ValueError("decode measures one generated token: no backward, and seq must leave room in block_size")
     check_divisible(config, tp)
@@ -190,7 +208,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         torch.manual_seed(0)
         with contextlib.redirect_stdout(None):
             model = GPT(config)
-        parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=backward, **plan_options)
+        parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=backward or decode, **plan_options)
         idx = torch.randint(0, config.vocab_size, (batch, seq))
         cache = None
         if decode:
@@ -200,7 +218,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
             if isinstance(logits, AsyncCollectiveTensor):
                 logits.wait()
             idx = idx[:, -1:]
-        collectives = record_collectives(model, idx, idx if backward else None, backward, cache)
+        sample = functools.partial(VocabParallelSampler(seed=0), top_k=top_k) if decode else None
+        collectives = record_collectives(model, idx, idx if backward else None, backward, cache, sample)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the model's own order
     finally:
         dist.destroy_process_group()
@@ -211,7 +230,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
         for c, n in sorted(rows.items(), key=lambda row: (row[0].phase != "forward", row[0].module == "", order[row[0].module]))
     ]
-    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped)
+    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, decode)
     measured = {}
     for c in collectives:
         measured.setdefault(part_of_model(c.module), []).append((c.phase, c.kind, c.message_bytes))
@@ -228,6 +247,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
              for part in ("embedding", "blocks", "head", "model")}
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
+        top_k=top_k if decode else None,
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -244,10 +264,10 @@ def format_report(report):
     lines.append(f"plan {report['plan']}, tp={tp}, n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
                  f"vocab={c['vocab_size']}, batch={report['batch']} seq={report['seq']}"
                  + (", forward + backward" if report["backward"] else
-                    ", one generated token (KV cache)" if report["decode"] else ", forward")
+                    f", one generated token (KV cache, {sampled(report)})" if report["decode"] else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
-    model = "(model: loss)" if report["backward"] else "(model: last position)"
+    model = "(model: loss)" if report["backward"] else "(model: sampling)" if report["decode"] else "(model: last position)"
     for r in report["collectives"]:
         lines.append(f"{r['module'] or model:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
                      f"{r['message_bytes']:>14,} {r['wire_bytes']:>16,}")
@@ -261,6 +281,12 @@ def format_report(report):
     else:
         lines.append("every collective is at the plan's minimum")
     return "\n".join(lines)
+
+
+def sampled(report):
+    """How a decode report picks its token."""
+    k = report["top_k"]
+    return "vocab-parallel full-softmax sampling" if k is None else f"vocab-parallel top-{k} sampling"
 
 
 def plan_label(report):
@@ -284,7 +310,7 @@ def plot_plans(reports, path):
 
     r, colors = reports[0], ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd"]
     c = r["config"]
-    model = "model (loss)" if r["backward"] else "model (last position)"
+    model = "model (loss)" if r["backward"] else "model (sampling)" if r["decode"] else "model (last position)"
     groups = {"embedding": "embedding", "blocks": f"a block (mean of {c['n_layer']})", "head": "head", "model": model}
     fig, (ax, total_ax) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw=dict(width_ratios=[3.2, 1]))
     width = 0.8 / len(reports)
@@ -312,7 +338,8 @@ def plot_plans(reports, path):
         axis.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
         axis.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=9, frameon=False, loc="upper right")
-    run = ("forward + backward" if r["backward"] else "one generated token (KV cache)" if r["decode"] else "forward")
+    run = ("forward + backward" if r["backward"] else f"one generated token (KV cache, {sampled(r)})" if r["decode"]
+           else "forward")
     fig.suptitle(f"Collective wire bytes per token per rank, {run}\nGPT n_layer={c['n_layer']} n_head={c['n_head']} "
                  f"n_embd={c['n_embd']} vocab={c['vocab_size']}, TP={r['tp']}, batch {r['batch']}, seq {r['seq']}",
                  fontsize=12)
@@ -334,6 +361,9 @@ def main(argv=None):
     parser.add_argument("--seq", type=integer(1), help="sequence length (default: block_size)")
     parser.add_argument("--backward", action="store_true", help="also run a backward (training step, loss_parallel)")
     parser.add_argument("--decode", action="store_true", help="measure one generated token after a --seq prompt in a KV cache")
+    parser.add_argument("--top-k", type=integer(0), default=TOP_K,
+                        help="with --decode: the candidates sampling keeps, 0 for the full softmax (default: %(default)s, "
+                             "as examples/generate.py)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
                                       "theoretical minimum, into this PNG file (default: no chart)")
@@ -349,7 +379,8 @@ def main(argv=None):
         overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
-        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode)
+        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode,
+                      top_k=args.top_k or None)
         reports = []
         for plan in dict.fromkeys(args.plan):
             options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}

@@ -83,7 +83,7 @@ class VocabParallelSampler:
         vocab = logits.shape[-1]
         if top_k is not None:
             k = min(top_k, vocab)
-            width = min(k, math.ceil(vocab / tp))  # every rank sends as many, padded past a short slice
+            width = candidates_per_rank(vocab, tp, top_k)  # every rank sends as many, padded past a short slice
             values, local_ids = local.float().topk(min(width, local.shape[-1]), dim=-1)
             pad = width - values.shape[-1]
             values = torch.nn.functional.pad(values, (0, pad), value=-math.inf)
@@ -101,12 +101,27 @@ class VocabParallelSampler:
         return ids.gather(-1, score.argmax(dim=-1, keepdim=True))
 
 
+def candidates_per_rank(vocab, tp, top_k):
+    """How many candidates each rank sends for one row: its best k, or its one Gumbel-max winner."""
+    return 1 if top_k is None else min(top_k, vocab, math.ceil(vocab / tp))
+
+
+def _id_type(vocab, tp):
+    """A rank-local token id fits int16 up to 32767 ids per rank."""
+    return torch.int16 if math.ceil(vocab / tp) <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def exchanged_bytes(vocab, tp, rows, top_k):
+    """The bytes the one all-gather of a sampling step gathers: every rank's candidates for every row."""
+    return tp * rows * candidates_per_rank(vocab, tp, top_k) * (4 + _id_type(vocab, tp).itemsize)
+
+
 def _exchange(values, local_ids, start, vocab, mesh):
     """Every rank's candidates (values, global ids), (B, tp * n): one all-gather of their bytes."""
     if mesh is None:
         return values, local_ids + start
     tp, n, rows = mesh.size(), values.shape[-1], values.shape[0]
-    id_type = torch.int16 if math.ceil(vocab / tp) <= torch.iinfo(torch.int16).max else torch.int32
+    id_type = _id_type(vocab, tp)
     words = torch.cat([values.contiguous().view(torch.uint8), local_ids.to(id_type).view(torch.uint8)], dim=-1)
     everyone = DTensor.from_local(words, mesh, [Shard(1)], run_check=False).full_tensor()
     everyone = everyone.view(rows, tp, words.shape[-1])

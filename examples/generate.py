@@ -26,6 +26,7 @@ from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_report
 from plans import PLANS
 from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
+from dtensor_gpt.sampling import VocabParallelSampler
 from dtensor_gpt.sources import activation_note, open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 
@@ -44,7 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=integer(1), default=300, help="tokens to generate")
     p.add_argument("--temperature", type=number(above=0), default=0.8,
                    help="divides the logits before sampling: lower is more conservative")
-    p.add_argument("--top-k", type=integer(1), default=200, help="sample among the k likeliest tokens; 1 is greedy")
+    p.add_argument("--top-k", type=integer(0), default=200,
+                   help="sample among the k likeliest tokens; 1 is greedy, 0 the whole softmax")
+    p.add_argument("--sampler", default="vocab-parallel", choices=["vocab-parallel", "multinomial"],
+                   help="vocab-parallel: each rank samples its own slice of the vocabulary and only the best candidates "
+                        "travel, never the logits; a seed gives the same text at every TP degree. multinomial: the "
+                        "logits are gathered and torch.multinomial draws, as nanoGPT's sample.py does")
+    p.add_argument("--num-samples", type=integer(1), default=1,
+                   help="samples to draw, generated together as the rows of one batch")
     p.add_argument("--seed", type=integer(0, 2**63 - 1), default=1337,  # within torch.manual_seed's 64 bits
                    help="seeds the sampling: the same seed gives the same text")
     p.add_argument("--tokenizer", help="a .tiktoken ranks file for GPT-2 checkpoints (offline use), or the "
@@ -78,7 +86,7 @@ def load_model(args, mesh):
         finally:
             sys.stdout = stdout
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
-    parallelize(model, mesh, args.plan, **options)
+    parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **options)
     load_checkpoint(model, args.checkpoint)
     return model.eval(), tokenizer
 
@@ -102,15 +110,24 @@ def tokenizer_for(args, source, vocab):
     return CharTokenizer(chars) if chars else BPETokenizer()
 
 
-def collectives_per_token(model, prompt):
-    """The collectives of one decoding step (after a prompt), counted by CommDebugMode."""
+def sampler_for(args):
+    """`sample` for GPT.generate: a fresh vocabulary-parallel sampler, or None for torch.multinomial."""
+    return VocabParallelSampler(args.seed) if args.sampler == "vocab-parallel" else None
+
+
+def collectives_per_token(model, prompt, args):
+    """The collectives of one decoding step (after a prompt) and the choice of its token, counted by CommDebugMode."""
     cache = KVCache(len(model.transformer.h))
+    sample = sampler_for(args)
     with torch.no_grad():
         model(prompt, cache=cache)
         with CommDebugMode() as mode:
             logits, _ = model(prompt[:, -1:], cache=cache)
-            logits.sum().item()
-    return Counter({str(op).split(".")[-1].rstrip("')"): n for op, n in mode.get_comm_counts().items()})
+            if sample is None:
+                logits.sum().item()
+            else:
+                sample(logits[:, -1, :], args.top_k or None)
+    return Counter({str(op).split(".")[-1].rstrip("')"): n for op, n in mode.get_comm_counts().items() if n})
 
 
 def main():
@@ -138,26 +155,30 @@ def generate(args, mesh, device):
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         exit_distributed(2)
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     decode = tokenizer.stream_decoder()
+    streaming = rank == 0 and args.num_samples == 1  # several samples are printed whole, one after another
 
-    def show(token):
-        if rank == 0:
-            sys.stdout.write(decode(int(token)))
+    def show(tokens):
+        if streaming:
+            sys.stdout.write(decode(int(tokens[0, 0])))
             sys.stdout.flush()
 
-    if rank == 0:
+    if streaming:
         sys.stdout.write(args.prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     lengths = []  # tokens each forward ran: 1 from the cache, more for the prompt or a recomputed window
     counting = model.register_forward_pre_hook(lambda _, inputs: lengths.append(inputs[0].size(1)))
     start = time.time()
-    model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   use_cache=not args.no_cache, generator=generator,
-                   on_token=lambda t: show(t[0, 0]))
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                         use_cache=not args.no_cache, generator=generator, on_token=show, sample=sampler_for(args))
     seconds = time.time() - start
     counting.remove()
-    comm = collectives_per_token(model, prompt)
+    comm = collectives_per_token(model, prompt, args)
+    if rank == 0 and not streaming:
+        for row in out.tolist():
+            print(tokenizer.decode(row))
+            print("---------------")
     if rank == 0:
         per_token = ", ".join(f"{n} {kind}" for kind, n in sorted(comm.items())) or "none"
         mode = "no cache"
@@ -166,8 +187,10 @@ def generate(args, mesh, device):
             mode = "KV cache" if not recomputed else (
                 f"KV cache for {len(lengths) - recomputed} tokens, then {recomputed} each recomputed the last "
                 f"{model.config.block_size} (past block_size the learned positions shift, as in nanoGPT)")
-        print(f"\n--- {args.max_new_tokens} tokens in {seconds:.2f}s: {args.max_new_tokens / seconds:.1f} tokens/s; "
-              f"tp={mesh.size()}, plan {args.plan}, {mode}; collectives per generated token: {per_token}")
+        tokens = args.num_samples * args.max_new_tokens
+        batch = f"{args.num_samples} samples x {args.max_new_tokens}" if args.num_samples > 1 else f"{tokens}"
+        print(f"\n--- {batch} tokens in {seconds:.2f}s: {tokens / seconds:.1f} tokens/s; tp={mesh.size()}, plan "
+              f"{args.plan}, {args.sampler} sampling, {mode}; collectives per generated token: {per_token}")
 
 
 if __name__ == "__main__":

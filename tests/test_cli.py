@@ -125,7 +125,9 @@ GENERATE = [
     (["--seed", "-1"], "argument --seed: '-1' is not a whole number from 0 to 9223372036854775807"),
     (["--timeout", "-5"], "argument --timeout: '-5' is not a finite number above 0"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: '0' is not a whole number of at least 1"),
-    (["--top-k", "0"], "argument --top-k: '0' is not a whole number of at least 1"),
+    (["--top-k", "-1"], "argument --top-k: '-1' is not a whole number of at least 0"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number of at least 1"),
+    (["--sampler", "gather"], "argument --sampler: invalid choice: 'gather'"),
     (["--tokenizer", "missing.tiktoken"], "--tokenizer missing.tiktoken is not a file; give a .tiktoken ranks file "
                                           "or a nanoGPT meta.pkl"),  # whatever the model: the default is a character model
     (["--checkpoint", "missing-run"], "--checkpoint missing-run does not exist"),

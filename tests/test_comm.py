@@ -89,10 +89,17 @@ def test_cli_png_draws_the_plans_asked_for(tmp_path, monkeypatch):
 
 
 def test_decode_measures_one_generated_token():
-    r = comm_report("megatron", tp=4, config=small_config(n_layer=3), batch=1, seq=8, decode=True)
+    config = small_config(n_layer=3)
+    r = comm_report("megatron", tp=4, config=config, batch=2, seq=8, decode=True, top_k=10)
     assert r["decode"] and r["counts"] == {"all_reduce": 7, "all_gather": 1}
-    # per generated token: 7 all-reduces of one (1, 1, C) position, and the gathered (1, V) logits
-    assert r["wire_bytes_per_token"] == pytest.approx(7 * 2 * 3 / 4 * 96 * 4 + 3 / 4 * 96 * 4)
+    # per generated token: 7 all-reduces of one (2, 1, C) position, then no logits: each rank's 10 best
+    # candidates of each row, a float32 value and an int16 id each
+    blocks = 7 * 2 * 3 / 4 * (2 * config.n_embd * 4)
+    assert r["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 10 * 6))
     assert r["above_minimum"] == {}
+    full = comm_report("megatron", tp=4, config=config, batch=2, seq=8, decode=True, top_k=None)
+    assert full["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 1 * 6)), "one winner per rank"
+    wide = comm_report("megatron", tp=4, config=config, batch=2, seq=8, decode=True, top_k=500)
+    assert wide["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 24 * 6)), "k above a rank's 24 ids"
     with pytest.raises(ValueError, match="decode measures one generated token"):
         comm_report("megatron", tp=2, config=small_config(), decode=True, backward=True, seq=8)

@@ -1,5 +1,6 @@
 """Generation: the KV cache changes nothing, TP degree changes nothing, bad arguments are refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from distributed import run_distributed
-from dtensor_gpt import GPT, load_checkpoint, parallelize
+from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
 from helpers import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +64,49 @@ def run_generate(nproc, *args, cwd=None):
 
 
 def test_generate_runs_with_no_arguments():
+    """Seeded vocab-parallel sampling (temperature 0.8, top-k 200): the same text at TP 2 and 1."""
     r = run_generate(2, "--max-new-tokens", "80", "--prompt", "KING HENRY:")
     assert r.returncode == 0, r.stderr[-2000:]
     text, summary = r.stdout.rsplit("\n--- ", 1)
     assert text.startswith("KING HENRY:") and len(text) == len("KING HENRY:") + 80
     # 11 + 80 tokens pass block_size 64: the prompt's forward and 53 cached steps, then whole windows
-    assert "tokens/s; tp=2, plan megatron, KV cache for 54 tokens, then 26 each recomputed the last 64 " in summary
+    assert ("tokens/s; tp=2, plan megatron, vocab-parallel sampling, KV cache for 54 tokens, then 26 each "
+            "recomputed the last 64 ") in summary
+    # no logits gathered: 2 all-reduces per block, the embedding's, and one all-gather of candidates
     assert summary.endswith("collectives per generated token: 1 all_gather_into_tensor, 9 all_reduce\n")
-    shorter = run_generate(1, "--max-new-tokens", "40", "--prompt", "KING HENRY:")
-    assert "tokens/s; tp=1, plan megatron, KV cache; collectives per generated token: none" in shorter.stdout
+    alone = run_generate(1, "--max-new-tokens", "80", "--prompt", "KING HENRY:")
+    assert alone.stdout.rsplit("\n--- ", 1)[0] == text
+    assert "tokens/s; tp=1, plan megatron, vocab-parallel sampling, KV cache for 54 tokens" in alone.stdout
+    assert alone.stdout.endswith("collectives per generated token: none\n")
+
+
+def test_samples_are_the_rows_of_one_batch_and_multinomial_draws_as_nanogpt():
+    """
+    --num-samples 3: one batch, whose row b is keyed by b in the sampling noise, so its first row is
+    the single sample's text. --sampler multinomial: nanoGPT's draws from the gathered logits, the
+    unparallelized model's with the same seed.
+    """
+    single = run_generate(1, "--max-new-tokens", "30", "--prompt", "ROMEO:")
+    batch = run_generate(2, "--max-new-tokens", "30", "--prompt", "ROMEO:", "--num-samples", "3")
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    samples, summary = batch.stdout.rsplit("\n--- ", 1)
+    rows = samples.split("\n---------------\n")
+    assert rows[-1] == "" and len(rows) == 4
+    assert rows[0] == single.stdout.rsplit("\n--- ", 1)[0] and len(set(rows[:3])) == 3
+    assert all(row.startswith("ROMEO:") and len(row) == 36 for row in rows[:3])
+    assert summary.startswith("3 samples x 30 tokens in ")
+
+    r = run_generate(2, "--max-new-tokens", "30", "--prompt", "ROMEO:", "--sampler", "multinomial")
+    assert r.returncode == 0, r.stderr[-2000:]
+    text, summary = r.stdout.rsplit("\n--- ", 1)
+    assert "multinomial sampling" in summary and "1 all_gather_into_tensor, 9 all_reduce" in summary
+    index = json.loads((SHIPPED / "index.json").read_text())
+    model = GPT(GPTConfig(**index["config"]))
+    load_checkpoint(model, str(SHIPPED))
+    chars = index["extra"]["chars"]
+    prompt = torch.tensor([[chars.index(c) for c in "ROMEO:"]])
+    expected = model.eval().generate(prompt, 30, temperature=0.8, top_k=200, generator=torch.Generator().manual_seed(1337))
+    assert text == "".join(chars[i] for i in expected[0].tolist())
 
 
 @pytest.mark.parametrize("nproc, args, message", [
