@@ -104,7 +104,7 @@ def tokenizer_for(args, source, vocab):
 
 def collectives_per_token(model, prompt):
     """The collectives of one decoding step (after a prompt), counted by CommDebugMode."""
-    cache = KVCache(len(model.transformer.h))
+    cache = KVCache(len(model.transformer.h), model.config.block_size)
     with torch.no_grad():
         model(prompt, cache=cache)
         with CommDebugMode() as mode:
