@@ -29,7 +29,7 @@ def measure(model, context, new):
     with torch.no_grad():
         model(prompt)  # warm-up
         start = time.perf_counter()
-        model(prompt, cache=KVCache(len(model.transformer.h)))
+        model(prompt, cache=KVCache(len(model.transformer.h), model.config.block_size))
         prefill = time.perf_counter() - start
         cached, with_cache = tokens_per_second(model, prompt, new, use_cache=True)
         plain, without = tokens_per_second(model, prompt, new, use_cache=False)

@@ -212,7 +212,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         idx = torch.randint(0, config.vocab_size, (batch, seq))
         cache = None
         if decode:
-            cache = KVCache(config.n_layer)
+            cache = KVCache(config.n_layer, config.block_size)
             with torch.no_grad():
                 logits, _ = model(idx, cache=cache)
             if isinstance(logits, AsyncCollectiveTensor):

@@ -12,7 +12,11 @@ torch upgrade that changes them fails loudly instead of silently gathering activ
   `Shard(2)` gradients, which DTensor's cat rule also all-gathers. Both are replaced by local
   ops here when, and only when, the layout makes them exact.
 - CPU SDPA: `_scaled_dot_product_flash_attention_for_cpu` and its backward have no rule;
-  attention is independent per head, so everything sharded on the head dim is exact.
+  attention is independent per head, so everything sharded on the head dim is exact. A
+  mask shared by all heads (the static KV cache's) is replicated.
+- The static KV cache's plain tensors: its write positions (`index_copy_`) and its mask
+  (CPU SDPA) are plain tensors computed alike on every rank, so they count as replicated
+  (a rule for those two ops, which torch.compile traces, unlike `implicit_replication()`).
 - Optimizer lists: a plan leaves some parameters plain (LayerNorms under `megatron`), and
   foreach and fused optimizer ops (`_foreach_*`, `_fused_adamw_`, ...) refuse a list that
   mixes DTensors with non-scalar plain tensors, so foreach and fused AdamW fail on the
@@ -130,6 +134,23 @@ def _packed_cat(op_call, args, kwargs):
     return _wrap(local, first.device_mesh, placements, shape)
 
 
+def _plain_as_replicated(op_call, args, kwargs):
+    """
+    An op of DTensors and plain index or mask tensors (a static KV cache's write positions and
+    visible-keys mask, computed alike on every rank from the cache's length): the plain tensors
+    count as replicated. Unlike `implicit_replication()`, this is a rule torch.compile traces.
+    """
+    mesh = next(a.device_mesh for a in (*args, *kwargs.values()) if isinstance(a, DTensor))
+
+    def replicated(a):
+        if isinstance(a, torch.Tensor) and not isinstance(a, DTensor):
+            return _wrap(a, mesh, [Replicate()] * mesh.ndim, a.shape)
+        return a
+
+    with _default_rule(op_call):
+        return op_call(*map(replicated, args), **{k: replicated(v) for k, v in kwargs.items()})
+
+
 def _shard_index(x):
     """(this rank's shard, number of shards) over the mesh dims that shard `x`; None if none do."""
     coordinate = x.device_mesh.get_coordinate()
@@ -174,23 +195,34 @@ def plain_tensors_replicated():
         dispatcher._allow_implicit_replication = before
 
 
+def _mask_on_heads(attn_mask):
+    """
+    The placement of SDPA's optional mask: none, or replicated when every head shares it (a
+    static KV cache's positions mask, (T, S)); a mask per head would have to be sharded too.
+    """
+    if attn_mask is None:
+        return None
+    if len(attn_mask.shape) >= 3 and attn_mask.shape[-3] != 1:
+        raise NotImplementedError("dtensor_gpt shards CPU attention with a mask shared by all heads only, "
+                                  f"not one of shape {tuple(attn_mask.shape)}")
+    return Replicate()
+
+
 def _sdpa_on_heads(query, key, value, *args, attn_mask=None, **kwargs):
     """Forward: q, k, v and the output all sharded on heads (dim 1), or all replicated."""
-    if attn_mask is not None:
-        raise NotImplementedError("dtensor_gpt shards CPU attention without an attn_mask only")
+    mask = _mask_on_heads(attn_mask)
     return [
-        ([Replicate(), Replicate()], [Replicate(), Replicate(), Replicate()] + [None] * 4),
-        ([Shard(1), Shard(1)], [Shard(1), Shard(1), Shard(1)] + [None] * 4),
+        ([Replicate(), Replicate()], [Replicate(), Replicate(), Replicate(), None, None, mask, None]),
+        ([Shard(1), Shard(1)], [Shard(1), Shard(1), Shard(1), None, None, mask, None]),
     ]
 
 
 def _sdpa_backward_on_heads(grad_out, query, key, value, out, logsumexp, *args, attn_mask=None, **kwargs):
     """Backward: the six tensor inputs and three gradients, all on heads or all replicated."""
-    if attn_mask is not None:
-        raise NotImplementedError("dtensor_gpt shards CPU attention without an attn_mask only")
+    mask = _mask_on_heads(attn_mask)
     return [
-        ([Replicate()] * 3, [Replicate()] * 6 + [None] * 4),
-        ([Shard(1)] * 3, [Shard(1)] * 6 + [None] * 4),
+        ([Replicate()] * 3, [Replicate()] * 6 + [None, None, mask, None]),
+        ([Shard(1)] * 3, [Shard(1)] * 6 + [None, None, mask, None]),
     ]
 
 
@@ -251,6 +283,8 @@ def register():
     handlers[aten.split.Tensor] = _packed_split
     handlers[aten.cat.default] = _packed_cat
     handlers[aten.bernoulli_.float] = _sharded_bernoulli_
+    handlers[aten.index_copy_.default] = _plain_as_replicated
+    handlers[aten._scaled_dot_product_flash_attention_for_cpu.default] = _plain_as_replicated
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)(_sdpa_on_heads)
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)(
         _sdpa_backward_on_heads

@@ -67,8 +67,12 @@ class PrepareAttentionInput(PrepareModuleInput):
     as a plain tensor and adds it to the heads-sharded DTensor scores, which DTensor refuses.
     The mask is the same on every rank, so within this module's forward (and only there)
     plain tensors meeting DTensors count as replicated. Inputs are prepared exactly as
-    `PrepareModuleInput` does; without dropout nothing changes (the fused kernel makes no
-    plain tensor).
+    `PrepareModuleInput` does. In eval mode there is no dropout, the fused kernel makes no
+    plain tensor and nothing changes; the setting is not even touched, so that torch.compile
+    (which cannot trace it) compiles the attention of a decoding step in one graph. For the
+    same reason the closing hook is not `always_call`: dynamo guards on such a hook's id, one
+    per block, and would compile every block apart; a forward that raised leaves its scope
+    to the module's next pre-hook to close.
 
     Example::
         >>> parallelize_module(model, tp_mesh, {"transformer.h.*.attn": PrepareAttentionInput(
@@ -80,14 +84,17 @@ class PrepareAttentionInput(PrepareModuleInput):
         scopes = []
 
         def enter(module, args):
-            scope = plain_tensors_replicated()
-            scope.__enter__()
-            scopes.append(scope)
+            while scopes:  # left open by a forward that raised
+                scopes.pop().__exit__(None, None, None)
+            if module.training:  # in eval there is no dropout, so no math path
+                scope = plain_tensors_replicated()
+                scope.__enter__()
+                scopes.append(scope)
 
         def leave(module, args, output):
-            if scopes:  # not entered if an earlier pre-hook failed
+            if scopes:
                 scopes.pop().__exit__(None, None, None)
 
         module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave, always_call=True)
+        module.register_forward_hook(leave)
         return module

@@ -117,7 +117,7 @@ def sampler_for(args):
 
 def collectives_per_token(model, prompt, args):
     """The collectives of one decoding step (after a prompt) and the choice of its token, counted by CommDebugMode."""
-    cache = KVCache(len(model.transformer.h))
+    cache = KVCache(len(model.transformer.h), model.config.block_size)
     sample = sampler_for(args)
     with torch.no_grad():
         model(prompt, cache=cache)

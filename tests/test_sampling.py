@@ -64,7 +64,7 @@ def test_a_decode_step_exchanges_only_candidates():
     config = small_config(vocab_size=65, n_layer=2)
     with fake_process_group(4):
         model = parallelize(GPT(config), init_device_mesh("cpu", (4,)), "megatron", loss_parallel=True).eval()
-        cache = KVCache(config.n_layer)
+        cache = KVCache(config.n_layer, config.block_size)
         with torch.no_grad():
             model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
             with CommDebugMode() as mode:

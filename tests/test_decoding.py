@@ -1,0 +1,67 @@
+"""
+Compiled decoding: one compilation for every step, the same tokens as eager at TP 1, 2 and 4.
+
+Inductor (C++ code generation) runs at TP 2 only: a compilation costs about 10 s of the 2 cores
+here, and the graph differs between degrees only in its shard sizes. TP 1 and 4 compile with
+"aot_eager", which traces the same DTensor-free graph (local shards and functional collectives)
+and runs it without code generation.
+"""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+from distributed import run_distributed
+from dtensor_gpt import GPT, GPTConfig, compile_decoding, load_checkpoint, parallelize
+from test_generate import PROMPT, SHIPPED
+
+
+def _eager_and_compiled(rank, world_size, backend, texts):
+    """Greedy tokens, eager then compiled, 20 from each prompt in `texts`; the compilations counted after each."""
+    import json
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from dtensor_gpt.tokenizers import CharTokenizer
+
+    index = json.loads((SHIPPED / "index.json").read_text())
+    model = parallelize(GPT(GPTConfig(**index["config"])), init_device_mesh("cpu", (world_size,))).eval()
+    load_checkpoint(model, str(SHIPPED))
+    prompts = [torch.tensor([CharTokenizer(index["extra"]["chars"]).encode(p)]) for p in texts]
+    eager = [model.generate(p, 20, top_k=1)[0].tolist() for p in prompts]
+    counter = CompileCounterWithBackend(backend)
+    compile_decoding(model, backend=counter)
+    compiled, frames = [], []
+    for p in prompts:
+        compiled.append(model.generate(p, 20, top_k=1)[0].tolist())
+        frames.append(counter.frame_count)
+    return eager, compiled, frames
+
+
+def test_the_decoding_step_compiles_once_per_cache_length():
+    """
+    TP=1: one graph for all blocks and all 19 one-token steps of a generation (prompts run
+    eagerly); a prompt of another length makes a cache of another length, compiled once more.
+    """
+    eager, compiled, frames = run_distributed(_eager_and_compiled, 1, "aot_eager", [PROMPT, "JULIET"])
+    assert compiled == eager
+    assert [len(t) for t in eager] == [len(PROMPT) + 20, len("JULIET") + 20]
+    assert frames == [1, 2]
+
+
+@pytest.mark.parametrize("world_size, backend", [(2, "inductor"), (4, "aot_eager")])
+def test_compiled_greedy_tokens_equal_eager(world_size, backend):
+    eager, compiled, frames = run_distributed(_eager_and_compiled, world_size, backend, [PROMPT])
+    assert compiled == eager and len(eager[0]) == len(PROMPT) + 20
+    assert frames == [1]
+
+
+def test_compiled_sampling_past_block_size_equals_eager():
+    """TP=1, a block_size of 16: the cache's 15 steps compiled, then the recomputed windows eager, as without compile."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    eager = model.generate(prompt, 30, top_k=5, generator=torch.Generator().manual_seed(3))
+    compile_decoding(model, backend="aot_eager")
+    compiled = model.generate(prompt, 30, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert compiled.shape == (2, 35) and torch.equal(compiled, eager)

@@ -1,0 +1,54 @@
+"""
+What only a CUDA device can check: the model and the plans on CUDA kernels, whose attention
+(flash or memory-efficient SDPA) takes DTensor's own CUDA sharding rules, not the plugin's CPU
+ones. Skipped without a GPU; benchmarks/gpu_check.sh runs them where there is one.
+"""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.debug import CommDebugMode
+
+from dtensor_gpt import GPT, parallelize
+from helpers import fake_process_group, small_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_cuda_forward_and_gradients_match_cpu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    idx = torch.randint(0, 96, (2, 32))
+    logits, loss = model(idx, idx)
+    loss.backward()
+    on_gpu = GPT(small_config()).cuda()
+    on_gpu.load_state_dict(model.state_dict())
+    gpu_logits, gpu_loss = on_gpu(idx.cuda(), idx.cuda())
+    gpu_loss.backward()
+    assert (gpu_logits.cpu() - logits).abs().max().item() < 1e-4
+    for (name, a), b in zip(model.named_parameters(), on_gpu.parameters()):
+        assert (a.grad - b.grad.cpu()).abs().max().item() < 1e-4, name
+
+
+@pytest.mark.parametrize("plan", ["megatron", "megatron-sp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plans_run_on_cuda_with_the_collectives_of_cpu(plan, dtype):
+    """
+    TP=2 over torch's fake process group (one GPU plays both ranks): the packed q|k|v heads reach
+    CUDA's SDPA kernels (bf16: flash attention) through DTensor, forward and backward, with the
+    same collectives as on CPU. The fake group computes no collective, so no number is checked.
+    """
+    counts = {}
+    for device in ("cpu", "cuda"):
+        with fake_process_group(2):
+            torch.manual_seed(0)
+            model = GPT(small_config()).to(device=device, dtype=dtype)
+            parallelize(model, init_device_mesh(device, (2,)), plan, loss_parallel=True)
+            idx = torch.randint(0, 96, (2, 32), device=device)
+            with CommDebugMode() as mode:
+                with torch.distributed.tensor.parallel.loss_parallel():
+                    _, loss = model(idx, idx)
+                    loss.backward()
+            counts[device] = {str(op): n for op, n in mode.get_comm_counts().items() if n}
+    assert counts["cuda"] == counts["cpu"] and counts["cuda"], counts
