@@ -47,10 +47,10 @@ def gumbel_noise(seed, step, ids):
     Gumbel(0, 1) noise for token `ids` (B, n), row b of the batch keyed by b: a pure
     function of (seed, step, b, id), the same on every rank and at every TP degree.
     """
-    h = torch.zeros((), dtype=torch.int64)
+    h = torch.zeros((), dtype=torch.int64, device=ids.device)
     for part in (seed & _WORD, (seed >> 32) & _WORD, step & _WORD):
         h = _mix32((h + part) & _WORD)
-    rows = torch.arange(ids.shape[0], dtype=torch.int64).unsqueeze(1)
+    rows = torch.arange(ids.shape[0], dtype=torch.int64, device=ids.device).unsqueeze(1)
     h = _mix32((_mix32((h + rows) & _WORD) + (ids & _WORD)) & _WORD)
     uniform = (h.to(torch.float64) + 0.5) / 2**32
     return -torch.log(-torch.log(uniform))
@@ -93,7 +93,7 @@ class VocabParallelSampler:
             score = torch.where(values >= threshold, values.double() + gumbel_noise(self.seed, self.step, ids), -math.inf)
         else:
             # compared in float32 at every degree, so TP=1 and TP=4 order candidates alike
-            ids = start + torch.arange(local.shape[-1]).expand_as(local)
+            ids = start + torch.arange(local.shape[-1], device=local.device).expand_as(local)
             noisy = (local.double() + gumbel_noise(self.seed, self.step, ids)).float()
             best, local_ids = noisy.max(dim=-1, keepdim=True)
             score, ids = _exchange(best, local_ids, start, vocab, mesh)
@@ -127,5 +127,5 @@ def _exchange(values, local_ids, start, vocab, mesh):
     everyone = everyone.view(rows, tp, words.shape[-1])
     values = everyone[..., :4 * n].contiguous().view(torch.float32).reshape(rows, tp * n)
     local_ids = everyone[..., 4 * n:].contiguous().view(id_type).to(torch.int64)
-    firsts = torch.tensor([layout.piece(vocab, tp, r)[0] for r in range(tp)]).view(1, tp, 1)
+    firsts = torch.tensor([layout.piece(vocab, tp, r)[0] for r in range(tp)], device=values.device).view(1, tp, 1)
     return values, (local_ids + firsts).reshape(rows, tp * n)

@@ -9,7 +9,8 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
 
-from dtensor_gpt import GPT, parallelize
+from dtensor_gpt import GPT, compile_decoding, parallelize
+from dtensor_gpt.sampling import VocabParallelSampler
 from helpers import fake_process_group, small_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -52,3 +53,18 @@ def test_plans_run_on_cuda_with_the_collectives_of_cpu(plan, dtype):
                     loss.backward()
             counts[device] = {str(op): n for op, n in mode.get_comm_counts().items() if n}
     assert counts["cuda"] == counts["cpu"] and counts["cuda"], counts
+
+
+def test_sampling_and_compiled_decoding_on_cuda():
+    """Vocabulary-parallel sampling draws on CUDA what it draws on CPU; the compiled step decodes as eager."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    prompt = torch.randint(0, 96, (2, 5))
+    on_cpu = model.generate(prompt, 10, temperature=0.8, top_k=20, sample=VocabParallelSampler(seed=7))
+    model.cuda()
+    on_gpu = model.generate(prompt.cuda(), 10, temperature=0.8, top_k=20, sample=VocabParallelSampler(seed=7))
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    greedy = model.generate(prompt.cuda(), 10, top_k=1)
+    compile_decoding(model)
+    assert torch.equal(model.generate(prompt.cuda(), 10, top_k=1), greedy)
