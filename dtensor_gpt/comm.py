@@ -19,7 +19,7 @@ import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n
 @dataclass(frozen=True)
 class Collective:
     module: str  # innermost module running when it was issued ("" for the model itself)
-    phase: str  # "forward" or "backward"
+    phase: str  # "forward", "backward" or "optimizer"
     kind: str  # all_reduce, all_gather, reduce_scatter
     message_bytes: int  # the full tensor reduced or gathered
 
@@ -73,8 +73,11 @@ class _Recorder(CommDebugMode):
         return out
 
 
-def record_collectives(model, idx, targets=None, backward=False, cache=None):
-    """The collectives of model(idx[, targets][, cache]) (and its backward) in issue order."""
+def record_collectives(model, idx, targets=None, backward=False, cache=None, optimizer=None):
+    """
+    The collectives of model(idx[, targets][, cache]) (and its backward, and then
+    `optimizer.step()`, phase "optimizer") in issue order.
+    """
     warnings.filterwarnings("ignore", "Full backward hook is firing")
     recorder = _Recorder()
     lp = loss_parallel() if targets is not None else contextlib.nullcontext()
@@ -85,7 +88,12 @@ def record_collectives(model, idx, targets=None, backward=False, cache=None):
             loss.backward()
     if isinstance(logits, AsyncCollectiveTensor):
         logits.wait()  # the gather was issued; finish it before the process group goes
-    return recorder.collectives
+    if optimizer is None:
+        return recorder.collectives
+    stepping = _Recorder()
+    with stepping:
+        optimizer.step()
+    return recorder.collectives + [replace(c, phase="optimizer") for c in stepping.collectives]
 
 
 def part_of_model(module):
@@ -158,13 +166,16 @@ def _excess(measured, needed):
     return extra
 
 
-def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, **plan_options):
+def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False,
+                optimizer_step=False, **plan_options):
     """
     Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
     process group and return what it communicated, per module and per part of the model,
     next to the plan's minimum. `config` is a GPTConfig or a name from `configs.CONFIGS`.
     With `decode`, the forward measured is one generated token after a `seq`-token prompt
-    held in a KV cache: the collectives per generated token.
+    held in a KV cache: the collectives per generated token. With `optimizer_step` (needs
+    `backward`), an AdamW step (foreach=False, as examples/train.py) follows the backward:
+    a whole training step. The plans' minimum needs no collective there.
     """
     config = config_by_name(config) if isinstance(config, str) else config
     if plan not in PLANS:
@@ -178,6 +189,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError("comm_report runs its own fake process group; call it outside a distributed job")
     if decode and (backward or seq >= config.block_size):
         raise ValueError("decode measures one generated token: no backward, and seq must leave room in block_size")
+    if optimizer_step and not backward:
+        raise ValueError("optimizer_step follows a backward: pass backward=True with it")
     check_divisible(config, tp)
     dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
 
@@ -198,7 +211,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
             if isinstance(logits, AsyncCollectiveTensor):
                 logits.wait()
             idx = idx[:, -1:]
-        collectives = record_collectives(model, idx, idx if backward else None, backward, cache)
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=False) if optimizer_step else None
+        collectives = record_collectives(model, idx, idx if backward else None, backward, cache, optimizer)
     finally:
         dist.destroy_process_group()
 
@@ -217,6 +231,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     block_wire = sum(wire(cs) for part, cs in measured.items() if part.startswith("block"))
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
+        optimizer_step=optimizer_step,
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -231,7 +246,8 @@ def format_report(report):
     c = report["config"]
     lines.append(f"plan {report['plan']}, tp={tp}, n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
                  f"vocab={c['vocab_size']}, batch={report['batch']} seq={report['seq']}"
-                 + (", forward + backward" if report["backward"] else
+                 + (", forward + backward + AdamW step" if report.get("optimizer_step") else
+                    ", forward + backward" if report["backward"] else
                     ", one generated token (KV cache)" if report["decode"] else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
@@ -283,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, help="sequence length (default: block_size)")
     parser.add_argument("--backward", action="store_true", help="also run a backward (training step, loss_parallel)")
     parser.add_argument("--decode", action="store_true", help="measure one generated token after a --seq prompt in a KV cache")
+    parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--png", help="draw a bar chart comparing all plans to this file")
     args = parser.parse_args(argv)
@@ -293,7 +310,8 @@ def main(argv=None):
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
         blocks = spd_blocks_from_text(args.spd_blocks)
-        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode)
+        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode,
+                      optimizer_step=args.optimizer_step)
         options = dict(spd_blocks=blocks) if args.plan == "spd" else {}
         print(format_report(comm_report(args.plan, **common, **options)))
         if args.png:
