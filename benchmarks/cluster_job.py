@@ -55,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--measure", default="prefill,decode,train", help="what --plans times")
     p.add_argument("--placement", choices=["tp-inside", "tp-across"])
     p.add_argument("--plan", default="megatron", help="the TP plan of --placement")
-    p.add_argument("--config", default="gpt2")
+    p.add_argument("--config", default="gpt2", help="a named size of dtensor_gpt.configs")
+    for field in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        p.add_argument("--" + field.replace("_", "-"), type=int, help=f"override the config's {field}")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--new", type=int, default=16, help="tokens decoded after the prompt")
     p.add_argument("--train-batch", type=int, default=1, help="rows per step (per data-parallel rank)")
@@ -293,9 +295,11 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     where = placement()
-    config = config_by_name(args.config)
+    overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+                 if getattr(args, f) is not None}
+    config = config_by_name(args.config, **overrides)
     result = dict(world_size=dist.get_world_size(), nodes=len({w[0] for w in where}), placement_of_ranks=where,
-                  config=args.config)
+                  config=args.config, overrides=overrides)
     if args.collectives:
         sizes = [int(s) for s in args.collectives.split(",")]
         result["collectives"] = time_collectives(sizes, args.groups, args.repeats)

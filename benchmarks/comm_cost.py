@@ -47,7 +47,17 @@ SIZES = [2048, 8192, 32768, 131072, 524288, 2097152]
 PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all"]
 MEASURES = ["decode", "prefill", "train"]
 WORKLOAD = dict(config="gpt2", context=512, new=16, train_batch=1, train_seq=512, repeats=3)
-PLACEMENT = dict(config="gpt2", train_batch=4, train_seq=512, repeats=2, rates=["unlimited", "100mbit"])
+# examples/train.py's own model (nanoGPT's CPU shakespeare_char) with its batch (12 rows of 64 characters, 6
+# per dp rank) and with 64 rows; then GPT-2 124M with one 512-token row per dp rank
+NANOGPT = ["--config", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--vocab-size", "65"]
+PLACEMENT = [
+    dict(name="nanogpt", label="nanoGPT shakespeare_char", rates=["unlimited", "1gbit", "100mbit"], repeats=5,
+         job=NANOGPT + ["--train-batch", "6", "--train-seq", "64"]),
+    dict(name="nanogpt-64rows", label="nanoGPT shakespeare_char", rates=["unlimited", "1gbit", "100mbit"], repeats=5,
+         job=NANOGPT + ["--train-batch", "32", "--train-seq", "64"]),
+    dict(name="gpt2", label="GPT-2 124M", rates=["unlimited", "100mbit"], repeats=2,
+         job=["--config", "gpt2", "--train-batch", "1", "--train-seq", "512"]),
+]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n}
@@ -253,16 +263,16 @@ def measure(args, say):
 def placement(args, say):
     from cluster import Cluster, parse_rate, rate_label
 
-    p = PLACEMENT
     with Cluster(2) as cluster:
-        for rate in args.rates or p["rates"]:
-            cluster.set_rate(parse_rate(rate))
-            for where in ("tp-inside", "tp-across"):
-                job = ["--placement", where, "--config", p["config"], "--train-batch", str(p["train_batch"]),
-                       "--train-seq", str(p["train_seq"]), "--repeats", str(p["repeats"])]
-                if where == "tp-inside":  # the links' microbenchmark: a pair across the nodes per local rank, both at once
-                    job += ["--collectives", ",".join(map(str, SIZES)), "--groups", "cross"]
-                run_job(cluster, f"placement-{where}-{rate_label(parse_rate(rate))}", job, 2, args, say)
+        for workload in PLACEMENT:
+            for rate in args.rates or workload["rates"]:
+                cluster.set_rate(parse_rate(rate))
+                for where in ("tp-inside", "tp-across"):
+                    job = ["--placement", where, *workload["job"], "--repeats", str(workload["repeats"])]
+                    if where == "tp-inside":  # the links' microbenchmark: a pair across the nodes per local rank, both at once
+                        job += ["--collectives", ",".join(map(str, SIZES)), "--groups", "cross"]
+                    name = f"placement-{workload['name']}-{where}-{rate_label(parse_rate(rate))}"
+                    run_job(cluster, name, job, 2, args, say)
 
 
 def main(argv=None):

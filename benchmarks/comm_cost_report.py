@@ -189,32 +189,41 @@ def plot(all_cells, path):
 
 def placement_table(results):
     """Training step with TP inside the nodes (FSDP2 across) or TP across: measured, predicted, ratio."""
-    lines = ["| link between the nodes | TP inside nodes, FSDP2 across (a) | TP across nodes (b) | (b) / (a) measured | "
-             "(b) / (a) predicted | bytes over the link per step per node, (a) / (b) |", "|---|---|---|---|---|---|"]
-    rates = [r for r in PLACEMENT["rates"] if f"placement-tp-inside-{r}" in results and f"placement-tp-across-{r}" in results]
-    if "unlimited" not in rates:
-        return None
-    base_link = link_fit(results["placement-tp-inside-unlimited"])
-    for rate in rates:
-        link = link_fit(results[f"placement-tp-inside-{rate}"])
-        measured, predicted, crossing = {}, {}, {}
-        for where in ("tp-inside", "tp-across"):
-            r, base = results[f"placement-{where}-{rate}"], results[f"placement-{where}-unlimited"]
-            per_node = r["world_size"] // r["nodes"]
-            counts = Counter()
-            for kind, size, ranks in r["placement"]["collectives"][0]:  # rank 0's; every rank's match in shape
-                if len({rank // per_node for rank in ranks}) > 1:
-                    counts[(kind, size)] += 1
-            measured[where] = r["placement"]["train"]
-            predicted[where] = predict(base["placement"]["train"], counts, 2, link, base_link)
-            wire = sum(n * size * {"all_reduce": 1, "all_gather": 0.5, "reduce_scatter": 0.5}[k] for (k, size), n in counts.items())
-            crossing[where] = wire * per_node  # every rank of a node sends its share through the node's one link
-        a, b = measured["tp-inside"], measured["tp-across"]
-        lines.append(f"| {fmt_rate(rate)} | {fmt_time(a)} (model {fmt_time(predicted['tp-inside'])}) | {fmt_time(b)} "
-                     f"(model {fmt_time(predicted['tp-across'])}) | {b / a:.2f} | "
-                     f"{predicted['tp-across'] / predicted['tp-inside']:.2f} | "
-                     f"{crossing['tp-inside'] / 1e6:,.0f} MB / {crossing['tp-across'] / 1e6:,.0f} MB |")
-    return "\n".join(lines)
+    lines = ["| model, tokens per dp rank | link between the nodes | TP inside nodes, FSDP2 across (a) | "
+             "TP across nodes (b) | (b) / (a) measured | (b) / (a) model | over the link per step per node, (a) / (b) |",
+             "|---|---|---|---|---|---|---|"]
+    for workload in PLACEMENT:
+        name = f"placement-{workload['name']}"
+        base_link = None
+        for rate in workload["rates"]:
+            inside, across = results.get(f"{name}-tp-inside-{rate}"), results.get(f"{name}-tp-across-{rate}")
+            if inside is None or across is None:
+                continue
+            link = link_fit(inside)
+            if rate == "unlimited":
+                base_link = link
+            if base_link is None:
+                continue
+            measured, predicted, crossing = {}, {}, {}
+            for where, r in (("tp-inside", inside), ("tp-across", across)):
+                base = results[f"{name}-{where}-unlimited"]
+                per_node = r["world_size"] // r["nodes"]
+                counts = Counter()
+                for kind, size, ranks in r["placement"]["collectives"][0]:  # rank 0's: every rank's have the same shape
+                    if len({rank // per_node for rank in ranks}) > 1:
+                        counts[(kind, size)] += 1
+                measured[where] = r["placement"]["train"]
+                predicted[where] = predict(base["placement"]["train"], counts, 2, link, base_link)
+                # 2-rank groups: an all-reduce sends its whole message, the others half; every rank of a node uses its link
+                crossing[where] = per_node * sum(n * size * (1 if k == "all_reduce" else 0.5) for (k, size), n in counts.items())
+            a, b = measured["tp-inside"], measured["tp-across"]
+            p = inside["placement"]
+            label = f"{workload['label']}, {p['train_batch_per_dp_rank']} x {p['train_seq']}"
+            lines.append(f"| {label} | {fmt_rate(rate)} | {fmt_time(a)} (model {fmt_time(predicted['tp-inside'])}) | "
+                         f"{fmt_time(b)} (model {fmt_time(predicted['tp-across'])}) | {b / a:.2f} | "
+                         f"{predicted['tp-across'] / predicted['tp-inside']:.2f} | "
+                         f"{crossing['tp-inside'] / 1e6:,.1f} MB / {crossing['tp-across'] / 1e6:,.1f} MB |")
+    return "\n".join(lines) if len(lines) > 2 else None
 
 
 # ----------------------------------------------------------------------------- on paper
