@@ -21,11 +21,11 @@ from torch.distributed.tensor import DTensor
 
 from dtensor_gpt import layout
 from dtensor_gpt.apply_tp import tied_parameters
-from dtensor_gpt.format import FORMAT, CheckpointError, not_a_checkpoint, rank_file, sha256, write_index
+from dtensor_gpt.format import FORMAT, CheckpointError, index_sha256, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.parallelize import plan_name
 from dtensor_gpt.publish import clean_stale_temporaries, no_room, out_of_room, publish, temporary_beside
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
-from dtensor_gpt.sources import open_source
+from dtensor_gpt.sources import non_finite, open_source, refuse_non_finite
 
 
 def _resharded(model):
@@ -127,10 +127,16 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     needed = sum(sizes)
     if no_room(path, needed):  # every rank sees the same folder, so all refuse alike, before writing
         raise CheckpointError(no_room(path, needed))
-    names = [uuid.uuid4().hex, temporary_beside(path)]
+    index = dict(format=FORMAT, id=uuid.uuid4().hex, config=asdict(model.config), tp=parts,
+                 plan=plan or plan_name(model), tensors=tensors, tied=tied)
+    if extra:
+        index["extra"] = extra
+    if optimizer is not None:
+        index["optimizer_groups"] = optimizer_groups(optimizer, params_by_id(model))
+    names = [index["id"], temporary_beside(path), index_sha256(index)]
     if distributed:
-        dist.broadcast_object_list(names, src=0)
-    ident, tmp = names
+        dist.broadcast_object_list(names, src=0)  # rank 0's index is the one written; every file carries its hash
+    ident, tmp, index_digest = names
     if first:
         os.makedirs(tmp)
     if distributed:
@@ -139,7 +145,7 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     digest = {}
     if writer:
         fname = rank_file(rank, parts)
-        meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts)
+        meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts, index_sha256=index_digest)
         try:
             with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as out:
                 for n, t in mine:
@@ -156,20 +162,10 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         if first:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(failed[0])
-    if first:
-        config = asdict(model.config)
-        index = dict(
-            format=FORMAT, id=ident, config=config, tp=parts, plan=plan or plan_name(model),
-            tensors=tensors, tied=tied, files={k: v for d in digests for k, v in d.items()},
-        )
-        if extra:
-            index["extra"] = extra
-        if optimizer is not None:
-            index["optimizer_groups"] = optimizer_groups(optimizer, params_by_id(model))
     failure = [None]
     if first:
         try:
-            write_index(tmp, index)
+            write_index(tmp, dict(index, files={k: v for d in digests for k, v in d.items()}))
             publish(tmp, path, overwrite, not_a_checkpoint)
         except (OSError, ValueError) as e:
             failure = [f"{type(e).__name__}: {e}"]
@@ -180,30 +176,59 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         raise CheckpointError(f"saving {path} failed on rank 0: {failure[0]}")
 
 
-def _read_into(ckpt, name, target):
-    """Fill `target` from checkpoint tensor `name`: a DTensor gets only this rank's shard."""
-    local = target.to_local() if isinstance(target, DTensor) else target
+def _tp_values(ckpt, name, target):
+    """Checkpoint tensor `name` as `target`'s TP rank holds it: a DTensor's own shard only, read from its byte ranges."""
     if target.dim() == 0:
-        local.copy_(ckpt.read_full(name))
-        return
+        return ckpt.read_full(name)
     split = layout.split_of(target)
     if split is None:
         dim, ranges = 0, [(0, target.shape[0])]
     else:
         rank, parts = layout.tp_rank(target)
         dim, ranges = split["dim"], layout.intervals(target.shape[split["dim"]], split, parts, rank)
-    values = torch.cat([ckpt.read(name, dim, a, b) for a, b in ranges], dim)
+    return torch.cat([ckpt.read(name, dim, a, b) for a, b in ranges], dim)
+
+
+def _dp_chunk(values, target):
+    """FSDP2 keeps chunk `rank` of dim 0 of the TP shard."""
     dp = layout.dp_shard(target)
-    if dp is not None:  # FSDP2 keeps chunk `rank` of dim 0 of the TP shard
-        values = values.chunk(dp[1], dim=0)[dp[0]]
-    local.copy_(values)
+    return values if dp is None else values.chunk(dp[1], dim=0)[dp[0]].clone()
+
+
+def _tp_group(params):
+    """(process group, rank) of the model's TP mesh dimension, or (None, 0) when no parameter is sharded over one."""
+    for p in params.values():
+        if isinstance(p, DTensor) and "tp" in layout.mesh_dims(p):
+            i = layout.mesh_dims(p)["tp"][0]
+            return p.device_mesh.get_group(i), p.device_mesh.get_local_rank(i)
+    return None, 0
+
+
+def _non_finite_everywhere(counts, replicated, params):
+    """
+    {name: (NaNs, infinities)} over the whole tensors, from the counts of this rank's TP
+    shards: summed over the TP group, so that every rank refuses alike when only one of them
+    read the bad value (a replicated tensor, which every rank reads whole, counts on TP rank 0).
+    """
+    group, tp_rank = _tp_group(params)
+    if group is None:
+        return counts
+    names = list(counts)
+    device = next(p for p in params.values() if isinstance(p, DTensor)).to_local().device
+    table = torch.tensor([(0, 0) if n in replicated and tp_rank else counts[n] for n in names],
+                         dtype=torch.int64, device=device).reshape(len(names), 2)
+    dist.all_reduce(table, group=group)
+    return {n: tuple(row) for n, row in zip(names, table.tolist())}
 
 
 def load_checkpoint(model, path, verify=False, optimizer=None):
     """
     Load a checkpoint of any TP degree (or a Hugging Face GPT-2 directory, or a nanoGPT
     ckpt.pt) into `model`, parallelized at any TP degree or not, and with `optimizer` its
-    saved optimizer state. Everything is checked before a parameter changes. Returns
+    saved optimizer state. Everything is checked before a parameter changes: the index
+    against the hash its files carry, always (`verify` also hashes every file, which makes
+    each rank read every byte), and every value this rank reads for NaN and infinity, which
+    are refused naming the tensor on every rank alike. Returns
     {"bytes_read": bytes this rank read (about 1/TP of the sharded tensors plus the
     replicated ones), "extra": the saved JSON values, "extra_tensors": the saved tensors}.
     """
@@ -243,13 +268,25 @@ def load_checkpoint(model, path, verify=False, optimizer=None):
         shape, want = list(p.shape), list(entry["shape"])
         if shape != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")
+    staged, counts, replicated = {}, {}, set()  # this rank's values, all read before any is used
     with torch.no_grad():
         for name, p in params.items():
-            _read_into(ckpt, name, p)
+            targets = {name: p}
             for key in states.get(name, []):
                 entry = ckpt.tensors[f"optimizer.{key}.{name}"]
-                like = torch.zeros_like(p) if entry["shape"] else torch.zeros((), dtype=TORCH_DTYPES[entry["dtype"]])
-                _read_into(ckpt, f"optimizer.{key}.{name}", like)
-                optimizer.state[p][key] = like
+                targets[f"optimizer.{key}.{name}"] = (torch.zeros_like(p) if entry["shape"]
+                                                      else torch.zeros((), dtype=TORCH_DTYPES[entry["dtype"]]))
+            for tname, target in targets.items():
+                values = _tp_values(ckpt, tname, target)
+                counts[tname] = non_finite(values)
+                if layout.split_of(target) is None:
+                    replicated.add(tname)
+                staged[tname] = (target, _dp_chunk(values, target))
+        refuse_non_finite(path, _non_finite_everywhere(counts, replicated, params))
+        for target, values in staged.values():
+            (target.to_local() if isinstance(target, DTensor) else target).copy_(values)
+    for name, p in params.items():
+        for key in states.get(name, []):
+            optimizer.state[p][key] = staged[f"optimizer.{key}.{name}"][0]
     extra_tensors = {n[len("extra."):]: ckpt.read_full(n) for n in ckpt.tensors if n.startswith("extra.")}
     return dict(bytes_read=ckpt.bytes_read, extra=ckpt.extra, extra_tensors=extra_tensors)

@@ -4,7 +4,7 @@ per module, with bytes, against the plan's theoretical minimum.
 
     python -m dtensor_gpt.comm --plan megatron --tp 4 --config gpt2 --seq 1024
     python -m dtensor_gpt.comm --plan spd --spd-blocks last:6 --tp 2 --backward
-    python -m dtensor_gpt.comm --tp 4 --png plans.png   # bar chart of all plans
+    python -m dtensor_gpt.comm --plan megatron megatron-sp spd --tp 4 --png plans.png   # a chart of the plans
 
 It runs in one process over torch's fake process group, which plays all TP ranks: the
 collectives DTensor issues, and their sizes, are exactly those of a real job; their
@@ -13,8 +13,9 @@ ring algorithms: all-reduce moves 2(N-1)/N of the message, all-gather and reduce
 (N-1)/N of the full (gathered) tensor.
 """
 
-import argparse
 import contextlib
+import importlib.util
+import os
 import re
 import sys
 import warnings
@@ -28,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
+from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig, KVCache
 from dtensor_gpt.parallelize import check_divisible, parallelize
@@ -42,12 +44,13 @@ KINDS = {
 }
 WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                  "reduce_scatter": lambda n: (n - 1) / n}
+PHASES = ("forward", "backward", "optimizer")  # the order a training step issues them in
 
 
 @dataclass(frozen=True)
 class Collective:
     module: str  # innermost module running when it was issued ("" for the model itself)
-    phase: str  # "forward", "backward" or "optimizer"
+    phase: str  # one of PHASES
     kind: str  # all_reduce, all_gather, reduce_scatter
     message_bytes: int  # the full tensor reduced or gathered
 
@@ -182,7 +185,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError(f"unknown plan {plan!r}; known plans: {', '.join(sorted(PLANS))}")
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp={tp!r} must be a positive integer")
-    seq = seq or config.block_size
+    seq = config.block_size if seq is None else seq
     if not 1 <= seq <= config.block_size:
         raise ValueError(f"seq={seq} must be in 1..block_size={config.block_size}")
     if dist.is_initialized():
@@ -213,6 +216,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
             idx = idx[:, -1:]
         optimizer = torch.optim.AdamW(model.parameters(), foreach=False) if optimizer_step else None
         collectives = record_collectives(model, idx, idx if backward else None, backward, cache, optimizer)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the model's own order
     finally:
         dist.destroy_process_group()
 
@@ -220,7 +224,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     rows = Counter(collectives)
     per_module = [
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
-        for c, n in rows.items()
+        for c, n in sorted(rows.items(), key=lambda row: (PHASES.index(row[0].phase), row[0].module == "", order[row[0].module]))
     ]
     needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped)
     measured = {}
@@ -229,6 +233,14 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     above = {part: _excess(measured.get(part, []), needed.get(part, [])) for part in set(measured) | set(needed)}
     wire = lambda cs: sum(b * WIRE_FRACTION[k](tp) for _, k, b in cs)
     block_wire = sum(wire(cs) for part, cs in measured.items() if part.startswith("block"))
+
+    def per_token(costs, part):
+        """The wire bytes per token of `part` in `costs` ("blocks": every "block i")."""
+        names = [n for n in costs if n == part or (part == "blocks" and n.startswith("block "))]
+        return sum(wire(costs[n]) for n in names) / tokens
+
+    parts = {part: dict(wire_bytes_per_token=per_token(measured, part), minimum_wire_bytes_per_token=per_token(needed, part))
+             for part in ("embedding", "blocks", "head", "model")}
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
         optimizer_step=optimizer_step,
@@ -236,6 +248,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
         block_wire_bytes_per_token=block_wire / tokens / config.n_layer,
+        parts=parts,
         counts=dict(Counter(c.kind for c in collectives if c.phase == "forward")),
         above_minimum={part: extra for part, extra in sorted(above.items()) if extra},
     )
@@ -251,78 +264,118 @@ def format_report(report):
                     ", one generated token (KV cache)" if report["decode"] else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
-    for r in sorted(report["collectives"], key=lambda r: (r["phase"] != "forward", r["module"])):
-        lines.append(f"{r['module'] or '(model: loss)':34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
+    model = "(model: loss)" if report["backward"] else "(model: last position)"
+    for r in report["collectives"]:
+        where = r["module"] or ("(optimizer)" if r["phase"] == "optimizer" else model)
+        lines.append(f"{where:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
                      f"{r['message_bytes']:>14,} {r['wire_bytes']:>16,}")
     lines.append(f"wire bytes per token per rank: {report['wire_bytes_per_token']:,.0f} "
                  f"(theoretical minimum {report['minimum_wire_bytes_per_token']:,.0f}); "
                  f"per block {report['block_wire_bytes_per_token']:,.0f}")
     if report["above_minimum"]:
         for part, extra in report["above_minimum"].items():
-            for phase, kind, size in extra:
-                lines.append(f"ABOVE MINIMUM  {part}: {phase} {kind} of {size:,} bytes")
+            for (phase, kind, size), n in Counter(extra).items():
+                lines.append(f"ABOVE MINIMUM  {part}: {phase} {kind} of {size:,} bytes" + (f" (x{n})" if n > 1 else ""))
     else:
         lines.append("every collective is at the plan's minimum")
     return "\n".join(lines)
 
 
+def plan_label(report):
+    """A plan's name, with how many blocks dropped their sync point for spd."""
+    if report["plan"] != "spd":
+        return report["plan"]
+    return f"spd, {len(report['spd_blocks'])} of {report['config']['n_layer']} blocks dropped"
+
+
 def plot_plans(reports, path):
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
+    """
+    A bar chart of `reports` (one per plan, same model and run): wire bytes per token per rank
+    of the embedding, one block, the head and the model's own collectives, and in a second
+    panel the total, each bar with the plan's theoretical minimum drawn across it.
+    """
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    labels = [r["label"] for r in reports]
-    values = [r["block_wire_bytes_per_token"] for r in reports]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bars = ax.bar(labels, values, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(values)])
-    ax.bar_label(bars, fmt="{:,.0f}")
-    r = reports[0]
-    ax.set_ylabel("wire bytes / token / block / rank")
-    ax.set_title(f"collective bytes per token per block, TP={r['tp']}, n_embd={r['config']['n_embd']}, "
-                 + ("forward + backward" if r["backward"] else "forward"), fontsize=9)
+    r, colors = reports[0], ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd"]
+    c = r["config"]
+    model = "model (loss)" if r["backward"] else "model (last position)"
+    groups = {"embedding": "embedding", "blocks": f"a block (mean of {c['n_layer']})", "head": "head", "model": model}
+    fig, (ax, total_ax) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw=dict(width_ratios=[3.2, 1]))
+    width = 0.8 / len(reports)
+
+    def bars(axis, x, measured, minimum, color, label=None, minimum_label=None):
+        drawn = axis.bar(x, measured, width, color=color, label=label)
+        axis.bar_label(drawn, fmt="{:,.0f}", fontsize=8, padding=2)
+        axis.hlines(minimum, [xi - width / 2 for xi in x], [xi + width / 2 for xi in x], colors="black", linewidth=2,
+                    label=minimum_label)
+
+    share = [1 / c["n_layer"] if part == "blocks" else 1 for part in groups]
+    for i, report in enumerate(reports):
+        parts = [report["parts"][part] for part in groups]
+        offset, color = (i - (len(reports) - 1) / 2) * width, colors[i % len(colors)]
+        bars(ax, [g + offset for g in range(len(groups))],
+             [p["wire_bytes_per_token"] * k for p, k in zip(parts, share)],
+             [p["minimum_wire_bytes_per_token"] * k for p, k in zip(parts, share)], color,
+             label=plan_label(report), minimum_label="theoretical minimum" if i == 0 else None)
+        bars(total_ax, [offset], [report["wire_bytes_per_token"]], [report["minimum_wire_bytes_per_token"]], color)
+    ax.set_xticks(range(len(groups)), list(groups.values()), fontsize=10)
+    total_ax.set_xticks([0], ["total"], fontsize=10)
+    ax.set_ylabel("wire bytes per token per rank", fontsize=10)
+    for axis in (ax, total_ax):
+        axis.margins(y=0.15)
+        axis.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+        axis.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=9, frameon=False, loc="upper right")
+    run = ("forward + backward" if r["backward"] else "one generated token (KV cache)" if r["decode"] else "forward")
+    fig.suptitle(f"Collective wire bytes per token per rank, {run}\nGPT n_layer={c['n_layer']} n_head={c['n_head']} "
+                 f"n_embd={c['n_embd']} vocab={c['vocab_size']}, TP={r['tp']}, batch {r['batch']}, seq {r['seq']}",
+                 fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dtensor_gpt.comm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", default="megatron", help=f"one of {', '.join(sorted(PLANS))}")
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--config", default="tiny", help=f"a named size: {', '.join(CONFIGS)}")
+    parser = ArgumentParser(prog="python -m dtensor_gpt.comm", description=__doc__)
+    parser.add_argument("--plan", nargs="+", default=["megatron"], choices=list(PLANS),
+                        help="one or more plans to report, and to draw with --png (default: megatron)")
+    parser.add_argument("--tp", type=integer(1), default=2, help="TP degree, played by one process")
+    parser.add_argument("--config", default="tiny", choices=list(CONFIGS), help="a named model size")
     for field in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
-        parser.add_argument("--" + field.replace("_", "-"), type=int, help=f"override the config's {field}")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, help="sequence length (default: block_size)")
+        parser.add_argument("--" + field.replace("_", "-"), type=integer(1),
+                            help=f"override the config's {field} (default: the config's)")
+    parser.add_argument("--batch", type=integer(1), default=1, help="rows of tokens")
+    parser.add_argument("--seq", type=integer(1), help="sequence length (default: block_size)")
     parser.add_argument("--backward", action="store_true", help="also run a backward (training step, loss_parallel)")
     parser.add_argument("--decode", action="store_true", help="measure one generated token after a --seq prompt in a KV cache")
     parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
-    parser.add_argument("--png", help="draw a bar chart comparing all plans to this file")
+    parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
+                                      "theoretical minimum, into this PNG file (default: no chart)")
     args = parser.parse_args(argv)
-    # indexing the last position of sequence shards makes DTensor say so; the report shows it
-    warnings.filterwarnings("ignore", "Found a non-scalar tensor with numel=1")
+    if args.png:
+        folder = os.path.dirname(os.path.abspath(args.png))
+        if not os.path.isdir(folder):
+            parser.error(f"--png {args.png}: the folder {folder} does not exist; create it or write elsewhere")
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--png needs matplotlib: pip install matplotlib")
+    quiet_dtensor_notes()  # the report shows what DTensor does instead
     try:
         overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
-        blocks = spd_blocks_from_text(args.spd_blocks)
         common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode,
                       optimizer_step=args.optimizer_step)
-        options = dict(spd_blocks=blocks) if args.plan == "spd" else {}
-        print(format_report(comm_report(args.plan, **common, **options)))
+        reports = []
+        for plan in dict.fromkeys(args.plan):
+            options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}
+            reports.append(comm_report(plan, **common, **options))
+        print("\n\n".join(format_report(r) for r in reports))
         if args.png:
-            half = f"last:{config.n_layer // 2}"
-            variants = [("megatron", {}), ("megatron-sp", {}), ("spd", dict(spd_blocks=half)),
-                        ("spd", dict(spd_blocks="all"))]
-            reports = []
-            for plan, opts in variants:
-                r = comm_report(plan, **common, **opts)
-                r["label"] = plan if plan != "spd" else f"spd {len(r['spd_blocks'])}/{config.n_layer}"
-                reports.append(r)
             plot_plans(reports, args.png)
             print(f"wrote {args.png}")
     except ValueError as e:

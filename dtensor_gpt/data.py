@@ -12,8 +12,14 @@ class TextData:
     """
 
     def __init__(self, path, tokenizer=None):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte {e.start:,} is {e.object[e.start:e.start + 1]!r}); "
+                             f"give a text file to train on") from None
+        except OSError as e:
+            raise ValueError(f"{path} cannot be read ({e.strerror})") from None
         if not text:
             raise ValueError(f"{path} is empty; give a text file to train on")
         self.tokenizer = tokenizer or CharTokenizer(sorted(set(text)))

@@ -37,6 +37,12 @@ def canonical_split(name):
     return None
 
 
+def packed_parts(name, dim):
+    """How many equal parts dimension `dim` of tensor `name` packs: 3 for c_attn's q|k|v rows, else 1."""
+    split = canonical_split(name)
+    return split["groups"] if split is not None and split["dim"] == dim else 1
+
+
 def mesh_dims(param):
     """{"tp": (mesh dim, placement), "dp": ...} of a DTensor; an unnamed 1-D mesh is the TP mesh."""
     mesh = param.device_mesh

@@ -316,14 +316,17 @@ class GPT(nn.Module):
         return flops_achieved / 312e12
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None, on_token=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None, on_token=None,
+                 sample=None):
         """
         Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
         the sequence max_new_tokens times, feeding the predictions back into the model each time.
         With use_cache, each step runs only the newest token through the model; once the
         context fills block_size, each step recomputes the cropped window, exactly as without it.
         generator makes the sampling reproducible (every TP rank samples the same token from
-        the same logits); on_token is called with each new (b, 1) index tensor as it is produced.
+        the same logits); on_token is called with each new (b, 1) index tensor as it is produced;
+        sample(logits, top_k), if given, picks the next indices (b, 1) from the scaled logits
+        in place of the top-k softmax draw below.
         """
         cache = KVCache(len(self.transformer.h)) if use_cache else None
         for _ in range(max_new_tokens):
@@ -337,14 +340,17 @@ class GPT(nn.Module):
             logits, _ = self(idx_cond, cache=cache)
             # pluck the logits at the final step and scale by desired temperature
             logits = logits[:, -1, :] / temperature
-            # optionally crop the logits to only the top k options
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            # apply softmax to convert logits to (normalized) probabilities
-            probs = F.softmax(logits, dim=-1)
-            # sample from the distribution
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            if sample is not None:
+                idx_next = sample(logits, top_k)
+            else:
+                # optionally crop the logits to only the top k options
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                # apply softmax to convert logits to (normalized) probabilities
+                probs = F.softmax(logits, dim=-1)
+                # sample from the distribution
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             if on_token is not None:
                 on_token(idx_next)
             # append sampled index to the running sequence and continue

@@ -95,10 +95,10 @@ def check_apart(source, destination):
 
 
 def no_room(path, needed):
-    """Why `needed` bytes cannot be written beside `path` (its folder missing, or too little space), or None."""
+    """Why `needed` bytes cannot be written beside `path` (too little space where it would go), or None."""
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        return f"{parent} does not exist; create it first, or write elsewhere"
+    while not os.path.isdir(parent):  # folders still to be made lie on the nearest existing one's device
+        parent = os.path.dirname(parent)
     free = shutil.disk_usage(parent).free
     if needed <= free:
         return None

@@ -2,12 +2,17 @@
 Offline checkpoint converter: any TP degree to any other, and GPT-2 / nanoGPT in and out.
 
     python -m dtensor_gpt.reshard SRC DST [--tp M] [--dtype fp32|bf16|fp16] [--to native|hf|nanogpt]
-                                  [--overwrite] [--verify]
+                                  [--overwrite] [--no-verify]
 
 SRC is a checkpoint of this project (any TP degree), a Hugging Face GPT-2 directory
 (config.json + model.safetensors) or a nanoGPT ckpt.pt (or its out_dir). DST is written tensor by tensor
 through memory maps (peak memory about one tensor), into a temporary directory beside it
 that is renamed into place only when complete. No process group or torchrun is needed.
+
+The converter writes fresh checksums for what it writes, so it must never be handed corrupted
+bytes: by default every source byte is checked against the source's own checksums first
+(each rank file's sha256, each ckpt.pt record's CRC-32; a Hugging Face directory carries
+none), and every tensor it reads for NaN and infinity. --no-verify skips the checksums only.
 """
 
 import argparse
@@ -22,7 +27,7 @@ import uuid
 import torch
 
 from dtensor_gpt import layout
-from dtensor_gpt.format import FORMAT, CheckpointError, not_a_checkpoint, rank_file, sha256, write_index
+from dtensor_gpt.format import FORMAT, CheckpointError, index_sha256, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.model import GPTConfig
 from dtensor_gpt.parallelize import check_divisible
 from dtensor_gpt.publish import (
@@ -36,7 +41,7 @@ from dtensor_gpt.publish import (
     write_file,
 )
 from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
-from dtensor_gpt.sources import CHARACTERS, CONV1D, activation_note, gpt_names, open_source
+from dtensor_gpt.sources import CHARACTERS, CONV1D, activation_note, gpt_names, non_finite, open_source, refuse_non_finite
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,6 +76,13 @@ def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
         files = [rank_file(r, tp) for r in range(tp)] if tp > 1 and split else [rank_file(0, tp)]
         cast = dtype and entry["dtype"] in ("F32", "F16", "BF16") and not name.startswith(("extra.", "optimizer.step."))
         tensors[name] = dict(shape=shape, dtype=DTYPES[dtype] if cast else entry["dtype"], split=split, files=files)
+    config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__}
+    index = dict(format=FORMAT, id=ident, config=config, tp=tp, plan=source.plan, tensors=tensors, tied=source.tied)
+    if source.extra:
+        index["extra"] = source.extra
+    if source.optimizer_groups:
+        index["optimizer_groups"] = source.optimizer_groups
+    digest = index_sha256(index)
     progress = Progress(sum(len(e["files"]) for e in tensors.values()), progress_label)
     digests = {}
     for rank in range(tp):
@@ -81,7 +93,7 @@ def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
                     layout.local_shape(tensors[n]["shape"], tensors[n]["split"], parts[n], rank if parts[n] > 1 else 0))
                    for n in mine]
         path = os.path.join(tmp, fname)
-        with StreamingWriter(path, entries, dict(format=FORMAT, id=ident, rank=rank, tp=tp)) as writer:
+        with StreamingWriter(path, entries, dict(format=FORMAT, id=ident, rank=rank, tp=tp, index_sha256=digest)) as writer:
             for n in mine:
                 split, shape = tensors[n]["split"], tensors[n]["shape"]
                 if not shape:
@@ -95,14 +107,7 @@ def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
                 writer.write(n, t.to(TORCH_DTYPES[tensors[n]["dtype"]]))
                 progress.step()
         digests[fname] = dict(sha256=sha256(path), bytes=os.path.getsize(path))
-    config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__}
-    index = dict(format=FORMAT, id=ident, config=config, tp=tp, plan=source.plan,
-                 tensors=tensors, tied=source.tied, files=digests)
-    if source.extra:
-        index["extra"] = source.extra
-    if source.optimizer_groups:
-        index["optimizer_groups"] = source.optimizer_groups
-    write_index(tmp, index)
+    write_index(tmp, dict(index, files=digests))
 
 
 def write_hf(source, tmp, dtype=None, progress_label="export"):
@@ -230,7 +235,27 @@ def replaceable(to):
     return check
 
 
-def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=False):
+class FiniteReads:
+    """A source whose every read is refused if it holds NaN or infinity, naming the tensor."""
+
+    def __init__(self, source, path):
+        self.source, self.path = source, path
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def read_full(self, name):
+        return self._finite(name, self.source.read_full(name))
+
+    def read(self, name, dim, start, stop):
+        return self._finite(name, self.source.read(name, dim, start, stop))
+
+    def _finite(self, name, t):
+        refuse_non_finite(self.path, {name: non_finite(t)})
+        return t
+
+
+def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=True):
     """The converter as a function; returns the source (for reporting)."""
     if to != "native" and tp is not None:
         raise CheckpointError(f"--tp applies to --to native only; a --to {to} export holds the whole model")
@@ -245,7 +270,7 @@ def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=
             raise CheckpointError(refusal)
     if not isinstance(tp, int) or tp < 1:
         raise CheckpointError(f"--tp {tp} must be a positive integer")
-    source = open_source(src, verify)
+    source = FiniteReads(open_source(src, verify), src)
     if activation_note(source, src):
         print(activation_note(source, src), file=sys.stderr)
     needed = output_bytes(source, dtype, to)
@@ -285,7 +310,9 @@ def main(argv=None):
                         help="native: this project's checkpoint at --tp; hf: a Hugging Face GPT-2 directory; "
                              "nanogpt: nanoGPT's out_dir (ckpt.pt, meta.pkl) (default: native)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    parser.add_argument("--verify", action="store_true", help="check each source file's sha256 against its index")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="check every source byte against the source's checksums before converting: each rank "
+                             "file's sha256, each ckpt.pt record's CRC-32 (default; --no-verify skips it)")
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, args.tp, DTYPE_NAMES.get(args.dtype), args.to, args.overwrite, args.verify)

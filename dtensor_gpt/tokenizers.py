@@ -1,7 +1,9 @@
 """Tokenizers: a character vocabulary, or GPT-2's byte-pair encoding through tiktoken."""
 
 import codecs
+import io
 import pickle
+import pickletools
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -33,14 +35,35 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, and a vocabulary holds only strings and integers")
 
 
+META_BYTES = 1 << 20  # nanoGPT's shakespeare_char meta.pkl is under 1 KB; a vocabulary of 10,000 characters ~300 KB
+
+
 def chars_from_meta(path):
-    """The characters of nanoGPT's shakespeare_char `meta.pkl` ({'itos': {id: char}, ...}), in id order."""
+    """
+    The characters of nanoGPT's shakespeare_char `meta.pkl` ({'itos': {id: char}, ...}), in id order.
+
+    Read whole, at most `META_BYTES`, and walked op by op (`pickletools.genops`) before loading:
+    every length the pickle claims must lie within what was read, so a few bytes claiming a
+    2**40-byte string are refused instead of allocated.
+    """
     try:
         with open(path, "rb") as f:
-            meta = _PlainDataUnpickler(f).load()
+            data = f.read(META_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    if len(data) > META_BYTES:
+        raise ValueError(f"{path} is over {META_BYTES:,} bytes, too large for a nanoGPT character meta.pkl "
+                         f"(shakespeare_char's is under 1 KB); give the meta.pkl of the character run")
+    try:
+        for _ in pickletools.genops(data):
+            pass
+        meta = _PlainDataUnpickler(io.BytesIO(data)).load()
         itos = meta["itos"]
-        return [itos[i] for i in range(len(itos))]
-    except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as e:
+        chars = [itos[i] for i in range(len(itos))]
+        if not all(isinstance(c, str) for c in chars):
+            raise TypeError("its itos holds values that are not characters")
+        return chars
+    except (pickle.UnpicklingError, ValueError, KeyError, TypeError, EOFError) as e:
         raise ValueError(f"{path} is not a nanoGPT character meta.pkl ({e})") from None
 
 
@@ -53,7 +76,11 @@ class BPETokenizer:
         if path:
             from tiktoken.load import load_tiktoken_bpe
 
-            ranks = load_tiktoken_bpe(path)
+            try:
+                ranks = load_tiktoken_bpe(path)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path} is not a .tiktoken ranks file (lines of a base64 token and its rank): "
+                                 f"{e}") from None
             self.enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                          special_tokens={"<|endoftext|>": len(ranks)})
         else:

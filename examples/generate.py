@@ -10,7 +10,6 @@ GPT-2 BPE through tiktoken (--tokenizer PATH: a .tiktoken ranks file, for offlin
 nanoGPT character checkpoint's meta.pkl).
 """
 
-import argparse
 import os
 import sys
 import time
@@ -22,7 +21,9 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
 from dtensor_gpt.checkpoint import CheckpointError
+from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
+from plans import PLANS
 from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
 from dtensor_gpt.sources import activation_note, open_source
@@ -33,47 +34,42 @@ DEFAULT_MODEL = os.path.join(HERE, "models", "shakespeare_char")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_MODEL)
-    p.add_argument("--plan", default="megatron", choices=["megatron", "megatron-sp", "spd"])
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", default=DEFAULT_MODEL,
+                   help="this project's checkpoint (any TP degree), a Hugging Face GPT-2 directory or a nanoGPT "
+                        "ckpt.pt (default: the shipped model, examples/models/shakespeare_char)")
+    p.add_argument("--plan", default="megatron", choices=list(PLANS), help="the tensor-parallel plan")
     p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200, help="1 is greedy decoding")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=integer(1), default=300, help="tokens to generate")
+    p.add_argument("--temperature", type=number(above=0), default=0.8,
+                   help="divides the logits before sampling: lower is more conservative")
+    p.add_argument("--top-k", type=integer(1), default=200, help="sample among the k likeliest tokens; 1 is greedy")
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=1337,  # within torch.manual_seed's 64 bits
+                   help="seeds the sampling: the same seed gives the same text")
     p.add_argument("--tokenizer", help="a .tiktoken ranks file for GPT-2 checkpoints (offline use), or the "
-                                       "meta.pkl of a nanoGPT character checkpoint")
+                                       "meta.pkl of a nanoGPT character checkpoint (default: the characters saved "
+                                       "with the checkpoint, or tiktoken's gpt2 encoding)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token")
-    p.add_argument("--timeout", type=float, default=120,
+    p.add_argument("--timeout", type=number(above=0), default=120,
                    help="seconds any collective may wait for a peer before the job ends naming the ranks that "
-                        "stopped answering (default: 120)")
+                        "stopped answering")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
-        p.error("--max-new-tokens and --top-k must be at least 1 and --temperature above 0")
+    if not os.path.exists(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint} does not exist")
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+        p.error(f"--tokenizer {args.tokenizer} is not a file; give a .tiktoken ranks file or a nanoGPT meta.pkl")
     return args
 
 
 def load_model(args, mesh):
     """(model, tokenizer) from --checkpoint, parallelized over `mesh`."""
-    if not os.path.exists(args.checkpoint):
-        raise ValueError(f"--checkpoint {args.checkpoint} does not exist")
     source = open_source(args.checkpoint)
     if activation_note(source, args.checkpoint) and dist.get_rank() == 0:
         print(activation_note(source, args.checkpoint), file=sys.stderr)
     config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__ if f in source.config}
     config["dropout"] = 0.0
-    vocab = config["vocab_size"]
-    given = args.tokenizer and args.tokenizer.endswith(".pkl")
-    chars = chars_from_meta(args.tokenizer) if given else source.extra.get("chars")
-    if chars and len(chars) != vocab:
-        raise ValueError(f"the vocabulary has {len(chars)} characters but --checkpoint {args.checkpoint} "
-                         f"has {vocab} tokens; give the meta.pkl of the run that trained it")
-    if not chars and vocab < 50257:
-        raise ValueError(f"--checkpoint {args.checkpoint} has a vocabulary of {vocab} tokens and no "
-                         f"characters saved with it, so it is not GPT-2's BPE; for a nanoGPT shakespeare_char "
-                         f"ckpt.pt pass its characters with --tokenizer data/shakespeare_char/meta.pkl")
-    tokenizer = CharTokenizer(chars) if chars else BPETokenizer(args.tokenizer)
+    tokenizer = tokenizer_for(args, source, config["vocab_size"])
     torch.manual_seed(0)
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
@@ -85,6 +81,25 @@ def load_model(args, mesh):
     parallelize(model, mesh, args.plan, **options)
     load_checkpoint(model, args.checkpoint)
     return model.eval(), tokenizer
+
+
+def tokenizer_for(args, source, vocab):
+    """--tokenizer, else the characters saved with the checkpoint, else GPT-2's BPE; each checked against `vocab`."""
+    if args.tokenizer and not args.tokenizer.endswith(".pkl"):  # a .tiktoken file wins, as a meta.pkl does
+        tokenizer = BPETokenizer(args.tokenizer)
+        if tokenizer.vocab_size > vocab:
+            raise ValueError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but --checkpoint "
+                             f"{args.checkpoint} only {vocab}; give the tokenizer the model was trained with")
+        return tokenizer
+    chars = chars_from_meta(args.tokenizer) if args.tokenizer else source.extra.get("chars")
+    if chars and len(chars) != vocab:
+        raise ValueError(f"the vocabulary has {len(chars)} characters but --checkpoint {args.checkpoint} "
+                         f"has {vocab} tokens; give the meta.pkl of the run that trained it")
+    if not chars and vocab < 50257:
+        raise ValueError(f"--checkpoint {args.checkpoint} has a vocabulary of {vocab} tokens and no "
+                         f"characters saved with it, so it is not GPT-2's BPE; for a nanoGPT shakespeare_char "
+                         f"ckpt.pt pass its characters with --tokenizer data/shakespeare_char/meta.pkl")
+    return CharTokenizer(chars) if chars else BPETokenizer()
 
 
 def collectives_per_token(model, prompt):
@@ -100,6 +115,7 @@ def collectives_per_token(model, prompt):
 
 def main():
     args = parse_args()
+    quiet_dtensor_notes()
     mesh, device = init_distributed(timeout=args.timeout)
     with stalls_reported(args.timeout):
         generate(args, mesh, device)

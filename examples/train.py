@@ -1,7 +1,10 @@
 """
 Train the GPT with tensor parallelism on a text file, nanoGPT's shakespeare_char way.
 
-    torchrun --standalone --nproc-per-node 2 examples/train.py --data ../shared/data/tinyshakespeare.txt --out out/shakespeare
+    torchrun --standalone --nproc-per-node 2 examples/train.py --data input.txt --out out/shakespeare
+
+(input.txt: tinyshakespeare, karpathy/char-rnn's data/tinyshakespeare/input.txt, the text
+nanoGPT's data/shakespeare_char/prepare.py downloads.)
 
 Defaults are nanoGPT's CPU shakespeare_char run: n_layer=4, n_head=4, n_embd=128,
 block_size=64, batch_size=12, 2000 iterations, lr 1e-3 with 100 warm-up steps, cosine decay
@@ -13,6 +16,7 @@ train.py turns off (`--no-bias`); here they lower the validation loss by 0.009 o
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -25,12 +29,14 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
+from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
 from dtensor_gpt.format import not_a_checkpoint
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
+from plans import PLANS
 from plans.spd import spd_blocks_from_text
 
 
@@ -38,68 +44,87 @@ NEW_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=True)  # n
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a text file; first 90%% train, last 10%% validation")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--data", required=True, help="a UTF-8 text file; first 90%% train, last 10%% validation")
     p.add_argument("--tokenizer", default="char",
                    help="char (vocabulary from the file, or the characters saved with --resume/--init-from), "
                         "gpt2 (GPT-2 BPE via tiktoken), a .tiktoken ranks file, or a nanoGPT meta.pkl")
     p.add_argument("--out", help="save checkpoints (model, optimizer, step, data order, vocabulary) here, every "
-                                 "--save-interval iterations and at the end when the validation loss improved")
-    p.add_argument("--save-interval", type=int, help="iterations between checkpoints (default: --eval-interval)")
+                                 "--save-interval iterations and at the end when the validation loss improved "
+                                 "(default: nothing is saved)")
+    p.add_argument("--save-interval", type=integer(1), help="iterations between checkpoints (default: --eval-interval)")
     p.add_argument("--always-save-checkpoint", action="store_true",
                    help="save at every --save-interval even if the validation loss did not improve (nanoGPT's "
-                        "always_save_checkpoint; by default only an improvement replaces the checkpoint)")
+                        "always_save_checkpoint; otherwise only an improvement replaces the checkpoint)")
     p.add_argument("--resume", help="continue a run: a checkpoint --out wrote (at any TP degree) or a nanoGPT "
-                                    "ckpt.pt (its out_dir): model, optimizer state, step (and data order, ours)")
+                                    "ckpt.pt (its out_dir): model, optimizer state, step (and data order, ours) "
+                                    "(default: a new run)")
     p.add_argument("--init-from", help="start from a model's weights with a fresh optimizer, as nanoGPT's init_from: "
-                                       "a checkpoint of this project, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt")
-    p.add_argument("--plan", default="megatron", help="megatron, megatron-sp or spd")
-    p.add_argument("--dp", type=int, default=1,
+                                       "a checkpoint of this project, a Hugging Face GPT-2 directory or a nanoGPT "
+                                       "ckpt.pt (default: random weights from --seed)")
+    p.add_argument("--plan", default="megatron", choices=list(PLANS), help="the tensor-parallel plan")
+    p.add_argument("--dp", type=integer(1), default=1,
                    help="data-parallel degree: a (dp, tp) mesh, FSDP2 over dp; tp is the rest of the world")
     p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
-    architecture = "(default %s; with --resume or --init-from: the checkpoint's)"
-    p.add_argument("--n-layer", type=int, help=architecture % NEW_MODEL["n_layer"])
-    p.add_argument("--n-head", type=int, help=architecture % NEW_MODEL["n_head"])
-    p.add_argument("--n-embd", type=int, help=architecture % NEW_MODEL["n_embd"])
-    p.add_argument("--block-size", type=int, help=architecture % NEW_MODEL["block_size"])
+    architecture = "(default: %s; with --resume or --init-from: the checkpoint's)"
+    p.add_argument("--n-layer", type=integer(1), help="transformer blocks " + architecture % NEW_MODEL["n_layer"])
+    p.add_argument("--n-head", type=integer(1), help="attention heads " + architecture % NEW_MODEL["n_head"])
+    p.add_argument("--n-embd", type=integer(1), help="embedding width " + architecture % NEW_MODEL["n_embd"])
+    p.add_argument("--block-size", type=integer(1), help="context length " + architecture % NEW_MODEL["block_size"])
     p.add_argument("--bias", action=argparse.BooleanOptionalAction,
                    help="biases in Linears and LayerNorms, as in GPT-2 (nanoGPT's train.py: --no-bias; "
                         "val loss 0.009 higher over 5 seeds of the anchor run, README) " + architecture % "on")
-    p.add_argument("--batch-size", type=int, default=12, help="rows per micro-batch (all data-parallel ranks together)")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+    p.add_argument("--batch-size", type=integer(1), default=12,
+                   help="rows per micro-batch (all data-parallel ranks together)")
+    p.add_argument("--gradient-accumulation-steps", type=integer(1), default=1,
                    help="micro-batches per optimizer step, as nanoGPT's gradient_accumulation_steps")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--dropout", type=number(at_least=0, below=1), default=0.0,
                    help="dropout probability (nanoGPT's CPU run: 0.0; its shakespeare_char config: 0.2); under TP "
                         "each shard draws its own mask, replicated activations the same mask on every rank")
-    p.add_argument("--max-iters", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup-iters", type=int, default=100)
-    p.add_argument("--lr-decay-iters", type=int, help="default: --max-iters")
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--max-iters", type=integer(0), default=2000, help="optimizer steps to train to")
+    p.add_argument("--lr", type=number(above=0), default=1e-3, help="peak learning rate, reached after the warm-up")
+    p.add_argument("--min-lr", type=number(at_least=0), default=1e-4, help="learning rate at the end of the cosine decay")
+    p.add_argument("--warmup-iters", type=integer(0), default=100, help="steps of linear warm-up")
+    p.add_argument("--lr-decay-iters", type=integer(1), help="steps until the learning rate reaches --min-lr "
+                                                            "(default: --max-iters)")
+    p.add_argument("--weight-decay", type=number(at_least=0), default=0.1, help="AdamW weight decay on matrices")
     p.add_argument("--no-embedding-decay", dest="embedding_decay", action="store_false",
                    help="no weight decay on wte (tied to lm_head) and wpe, as nanoGPT's earlier optimizer grouping "
-                        "(Linear weights only) did; by default every matrix decays, as nanoGPT does now")
-    p.add_argument("--beta2", type=float, default=0.99)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=250)
-    p.add_argument("--eval-iters", type=int, default=20)
-    p.add_argument("--log-interval", type=int, default=50)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--timeout", type=float, default=600,
+                        "(Linear weights only) did; otherwise every matrix decays, as nanoGPT does now")
+    p.add_argument("--beta2", type=number(at_least=0, below=1), default=0.99, help="AdamW's beta2 (beta1 is 0.9)")
+    p.add_argument("--grad-clip", type=number(at_least=0), default=1.0,
+                   help="clip the gradients' global norm to this; 0: no clipping")
+    p.add_argument("--eval-interval", type=integer(1), default=250, help="iterations between evaluations")
+    p.add_argument("--eval-iters", type=integer(1), default=20, help="batches per split in each evaluation")
+    p.add_argument("--log-interval", type=integer(1), default=50, help="iterations between progress lines")
+    # each step's dropout seed, (seed << 40) ^ (it << 16) ^ rank, must fit torch.manual_seed's 64 bits
+    p.add_argument("--seed", type=integer(0, 2**24 - 1), default=1337,
+                   help="seeds the initial weights, the batches and the dropout masks")
+    p.add_argument("--timeout", type=number(above=0), default=600,
                    help="seconds any collective may wait for a peer (an evaluation or a save included) before the "
-                        "job ends naming the ranks that stopped answering (default: 600)")
+                        "job ends naming the ranks that stopped answering")
     args = p.parse_args(argv)
-    args.lr_decay_iters = args.lr_decay_iters or args.max_iters
-    args.save_interval = args.save_interval or args.eval_interval
+    args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
+    args.save_interval = args.eval_interval if args.save_interval is None else args.save_interval
     if not os.path.isfile(args.data):
         p.error(f"--data {args.data} is not a file")
+    if args.tokenizer not in ("char", "gpt2") and not os.path.isfile(args.tokenizer):
+        p.error(f"--tokenizer {args.tokenizer} is not a file; give char, gpt2, a .tiktoken ranks file or a nanoGPT meta.pkl")
     if args.resume and args.init_from:
         p.error("--resume continues a run and --init-from starts a new one from its weights; give one of them")
     for flag, path in (("--resume", args.resume), ("--init-from", args.init_from)):
         if path and not os.path.exists(path):
             p.error(f"{flag} {path} does not exist")
-    if args.dp < 1 or args.batch_size % args.dp:
+    if not (args.resume or args.init_from):
+        n_embd, n_head = args.n_embd or NEW_MODEL["n_embd"], args.n_head or NEW_MODEL["n_head"]
+        if n_embd % n_head:
+            heads = ", ".join(str(h) for h in range(1, n_embd + 1) if n_embd % h == 0)
+            p.error(f"--n-embd {n_embd} is not divisible by --n-head {n_head}: every head takes n_embd / n_head "
+                    f"channels; use an --n-head in {{{heads}}}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % args.dp:
+        p.error(f"--dp {args.dp} does not divide the {world} processes; use a divisor of {world}")
+    if args.batch_size % args.dp:
         p.error(f"--batch-size {args.batch_size} must split evenly over --dp {args.dp}")
     return args
 
@@ -159,7 +184,8 @@ def tokenizer_for(args, source):
 def build(args, config, mesh):
     """The model, tensor-parallel over the mesh's "tp" dimension and, with a "dp" one, FSDP2 over it."""
     torch.manual_seed(args.seed)
-    model = GPT(config)
+    with contextlib.redirect_stdout(sys.stdout if dist.get_rank() == 0 else None):  # its size, once per job
+        model = GPT(config)
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=True, **options)
     if mesh.ndim == 2:
@@ -299,9 +325,8 @@ def train(args, mesh, say=print):
 
 def main():
     args = parse_args()
+    quiet_dtensor_notes()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % args.dp:
-        raise SystemExit(f"error: --dp {args.dp} does not divide the {world} processes; use a divisor of {world}")
     shape = (args.dp, world // args.dp) if args.dp > 1 else None
     mesh, _ = init_distributed(shape, ("dp", "tp") if shape else None, timeout=args.timeout)
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)

@@ -14,6 +14,7 @@ from dtensor_gpt.launch import exit_distributed
 
 def _worker(rank, world_size, init_file, result_file, fn, args):
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["WORLD_SIZE"] = str(world_size)  # as torchrun sets it: examples/train.py checks --dp against it
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dtensor_gpt.comm import comm_report, main
+from dtensor_gpt.comm import comm_report, format_report, main
 from helpers import small_config
 
 B, T = 2, 16
@@ -40,22 +40,51 @@ def test_spd_halves_forward_syncs_and_flags_its_backward_extras():
     }
 
 
-def test_cli_report_and_errors(capsys, tmp_path):
+def test_cli_report_and_errors(capsys):
     assert main(["--plan", "megatron", "--tp", "2", "--seq", "8", "--n-layer", "1"]) == 0
     out = capsys.readouterr().out
     assert "transformer.h.0.mlp.c_proj" in out and "every collective is at the plan's minimum" in out
-    assert main(["--plan", "nope"]) == 2
-    assert "error: unknown plan 'nope'; known plans: megatron, megatron-sp, spd" in capsys.readouterr().err
     assert main(["--tp", "5"]) == 2
     assert "n_head=12 is not divisible by tp=5" in capsys.readouterr().err
     assert main(["--plan", "spd", "--spd-blocks", "0,5"]) == 2
     assert "spd_blocks [5] out of range for n_layer=2" in capsys.readouterr().err
 
 
-def test_cli_png(tmp_path):
+def test_modules_in_the_models_order_and_the_models_own_collectives_named(capsys):
+    """h.2 before h.10, embedding first, head after the blocks; the loss only where there is one."""
+    assert main(["--plan", "megatron-sp", "--tp", "2", "--seq", "8", "--n-layer", "12"]) == 0
+    lines = capsys.readouterr().out.splitlines()[2:]
+    rows = [line[:34].strip() for line in lines if line[35:44].strip() == "forward"]
+    blocks = [int(r.split(".")[2]) for r in rows if r.startswith("transformer.h.")]
+    assert blocks == sorted(blocks) and blocks[-1] == 11
+    assert rows[0] == "transformer.wte" and rows.index("lm_head") > rows.index("transformer.h.11.mlp.c_proj")
+    assert rows[-1] == "(model: last position)"  # the last-position index of sequence shards
+    r = comm_report("megatron-sp", tp=2, config=small_config(), batch=B, seq=T, backward=True)
+    assert "(model: loss)" in format_report(r) and "(model: last position)" not in format_report(r)
+
+
+def test_parts_add_up_to_the_total():
+    r = comm_report("megatron-sp", tp=4, config=small_config(n_layer=3), batch=B, seq=T)
+    parts = r["parts"]
+    assert sum(p["wire_bytes_per_token"] for p in parts.values()) == pytest.approx(r["wire_bytes_per_token"])
+    assert sum(p["minimum_wire_bytes_per_token"] for p in parts.values()) == pytest.approx(r["minimum_wire_bytes_per_token"])
+    assert parts["embedding"]["wire_bytes_per_token"] == pytest.approx(3 / 4 * ACT / (B * T))  # wte's reduce-scatter
+    assert parts["blocks"]["wire_bytes_per_token"] == pytest.approx(3 * 4 * 3 / 4 * ACT / (B * T))
+    assert parts["model"] == dict(wire_bytes_per_token=pytest.approx(3 / 4 * ACT / (B * T)), minimum_wire_bytes_per_token=0)
+
+
+def test_cli_png_draws_the_plans_asked_for(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    import dtensor_gpt.comm as comm
+
+    drawn = []
+    monkeypatch.setattr(comm, "plot_plans", lambda reports, path: drawn.append(reports))
+    assert main(["--tp", "2", "--seq", "8", "--plan", "megatron-sp", "spd", "--spd-blocks", "last:1",
+                 "--png", str(tmp_path / "unused.png")]) == 0
+    assert [(r["plan"], r["spd_blocks"]) for r in drawn[0]] == [("megatron-sp", []), ("spd", [1])]
+    monkeypatch.undo()
     png = tmp_path / "plans.png"
-    assert main(["--tp", "2", "--seq", "8", "--png", str(png)]) == 0
+    assert main(["--tp", "2", "--seq", "8", "--backward", "--plan", "megatron", "spd", "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -83,6 +83,7 @@ def test_nanogpts_own_scripts_read_the_export(tmp_path):
     model = GPT(small_config(vocab_size=65)).eval()
     save_checkpoint(model, str(tmp_path / "native"), extra={"chars": CHARS, "dataset": "mine", "iter": 7})
     out = tmp_path / "nanogpt" / "out"
+    out.parent.mkdir()  # the converter writes beside DST, into a folder that exists
     assert reshard([str(tmp_path / "native"), str(out), "--to", "nanogpt"]) == 0
     sys.path.insert(0, str(NANOGPT))
     try:

@@ -126,25 +126,47 @@ def test_nanogpt_character_checkpoint_with_its_meta_pkl(tmp_path):
     assert not (tmp_path / "evil-ran").exists()
 
 
-TIKTOKEN = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+def test_bpe_train_then_generate_offline(tmp_path):
+    """A .tiktoken ranks file through train.py and generate.py: the model's vocabulary is the tokenizer's, unpadded."""
+    from helpers import write_ranks, write_text
 
-
-@pytest.mark.skipif(not (TIKTOKEN.exists() and DATA.exists()), reason="needs ../shared/data")
-def test_gpt2_bpe_train_then_generate_offline(tmp_path):
+    write_text(tmp_path / "text.txt")
+    vocab = write_ranks(tmp_path / "tiny.tiktoken")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             str(ROOT / "examples" / "train.py"), "--data", str(DATA), "--tokenizer", str(TIKTOKEN),
-             "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-iters", "4",
-             "--warmup-iters", "1", "--eval-interval", "4", "--eval-iters", "1", "--out", str(tmp_path / "bpe")]
+             str(ROOT / "examples" / "train.py"), "--data", str(tmp_path / "text.txt"),
+             "--tokenizer", str(tmp_path / "tiny.tiktoken"), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+             "--block-size", "32", "--max-iters", "4", "--warmup-iters", "1", "--eval-interval", "4",
+             "--eval-iters", "1", "--always-save-checkpoint", "--out", str(tmp_path / "bpe")]
     r = subprocess.run(train, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("number of parameters:") == 1, "the model's size is printed once per job, not per rank"
     index = (tmp_path / "bpe" / "index.json").read_text()
-    assert '"vocab_size": 50257' in index and "unpadded" not in index
-    g = run_generate(2, "--checkpoint", str(tmp_path / "bpe"), "--tokenizer", str(TIKTOKEN),
+    assert f'"vocab_size": {vocab}' in index and "unpadded" not in index
+    g = run_generate(2, "--checkpoint", str(tmp_path / "bpe"), "--tokenizer", str(tmp_path / "tiny.tiktoken"),
                      "--prompt", "To be, or not", "--max-new-tokens", "5")
     assert g.returncode == 0, g.stderr[-2000:]
     assert g.stdout.startswith("To be, or not") and "5 tokens in" in g.stdout
+    # the same ranks file given to the character model: refused, not ignored
+    refused = run_generate(1, "--tokenizer", str(tmp_path / "tiny.tiktoken"))
+    assert refused.returncode != 0
+    assert f"has {vocab} tokens but --checkpoint {SHIPPED} only 65; give the tokenizer the model was trained with" \
+        in refused.stderr, refused.stderr[-2000:]
+
+
+def _workers(launcher):
+    """{local rank: pid} of the processes torchrun (pid `launcher`) started."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        ranks = [v[len(b"LOCAL_RANK="):] for v in environ if v.startswith(b"LOCAL_RANK=")]
+        if parent == launcher and ranks:
+            found[int(ranks[0])] = int(entry)
+    return found
 
 
 def test_a_stalled_rank_ends_the_job_naming_it(tmp_path):
@@ -154,29 +176,25 @@ def test_a_stalled_rank_ends_the_job_naming_it(tmp_path):
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "examples" / "generate.py"), "--max-new-tokens", "1000000", "--timeout", "5"]
+           str(ROOT / "examples" / "generate.py"), "--max-new-tokens", "20000", "--timeout", "5"]
     out, err = open(tmp_path / "out", "w+"), open(tmp_path / "err", "w+")
-    job = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
-    stopped = None
+    job = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+    workers = {}
     try:
         deadline = time.time() + 120
         while os.path.getsize(tmp_path / "out") < 200 and time.time() < deadline:  # generating
             time.sleep(0.2)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and entry != str(job.pid):
-                try:
-                    environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-                except OSError:
-                    continue
-                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-                if b"LOCAL_RANK=1" in environ and parent == job.pid:
-                    stopped = int(entry)
-        assert stopped, "rank 1's process must be found"
-        os.kill(stopped, signal.SIGSTOP)
+        workers = _workers(job.pid)
+        assert sorted(workers) == [0, 1], "torchrun's two ranks must be found"
+        os.kill(workers[1], signal.SIGSTOP)
         while "do not answer" not in open(tmp_path / "err").read() and time.time() < deadline:
             time.sleep(0.2)
         assert "error: a collective did not complete within --timeout 5 s: rank(s) 1 do not answer (stalled or dead)" \
             in open(tmp_path / "err").read()
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        for pid in [job.pid, *workers.values()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         job.wait()

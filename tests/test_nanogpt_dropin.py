@@ -20,10 +20,10 @@ from torch.distributed.tensor import DTensor
 
 from distributed import run_distributed
 from dtensor_gpt import GPT, GPTConfig, parallelize
+from helpers import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT = ROOT.parent / "shared" / "nanogpt"
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 needs_nanogpt = pytest.mark.skipif(not NANOGPT.is_dir(), reason=f"needs nanoGPT's files in {NANOGPT}")
 
 # nanoGPT's shakespeare_char config, shrunk to a few seconds on CPU
@@ -85,12 +85,11 @@ def checkpoint(directory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """nanoGPT's train.py run with our model.py and with nanoGPT's own, from one prepared dataset."""
-    assert DATA.exists(), f"the shakespeare_char corpus is missing: {DATA}"
     tmp = tmp_path_factory.mktemp("nanogpt")
     data = tmp / "data"
     data.mkdir()
     shutil.copy(NANOGPT / "data" / "shakespeare_char" / "prepare.py", data / "prepare.py")
-    shutil.copy(DATA, data / "input.txt")  # prepare.py downloads only when input.txt is missing
+    write_text(data / "input.txt")  # 65 characters, as the corpus; prepare.py downloads only when input.txt is missing
     assert "vocab size: 65" in ok(run(data, "prepare.py"))
     ours = nanogpt_directory(tmp / "ours", ROOT / "dtensor_gpt" / "model.py", data)
     oracle = nanogpt_directory(tmp / "oracle", NANOGPT / "model.py", data)

@@ -6,81 +6,84 @@ from pathlib import Path
 import pytest
 
 from distributed import run_distributed
+from helpers import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
         "--warmup-iters", "5", "--lr-decay-iters", "20", "--eval-interval", "1000", "--eval-iters", "2"]
 
 
-def _losses(rank, world_size, plan, *extra):
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A text a tiny model learns from in 20 steps (its loss falls by about 1)."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    write_text(path, words=8)
+    return str(path)
+
+
+def _losses(rank, world_size, data, plan, *extra):
     from torch.distributed.device_mesh import init_device_mesh
 
     sys.path.insert(0, str(ROOT / "examples"))
     from train import parse_args, train
 
-    args = parse_args(["--data", str(DATA), "--plan", plan, "--max-iters", "20", "--always-save-checkpoint", *TINY, *extra])
+    args = parse_args(["--data", data, "--plan", plan, "--max-iters", "20", "--always-save-checkpoint", *TINY, *extra])
     mesh = (init_device_mesh("cpu", (args.dp, world_size // args.dp), mesh_dim_names=("dp", "tp")) if args.dp > 1
             else init_device_mesh("cpu", (world_size,)))
     _, _, _, _, losses, evaluation = train(args, mesh, say=lambda *a: None)
     return losses, evaluation
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
 @pytest.mark.parametrize("plan", ["megatron", "megatron-sp"])
-def test_tp2_follows_tp1_for_20_steps(plan):
-    single, _ = run_distributed(_losses, 1, "megatron")
-    parallel, evaluation = run_distributed(_losses, 2, plan)
+def test_tp2_follows_tp1_for_20_steps(plan, data):
+    single, _ = run_distributed(_losses, 1, data, "megatron")
+    parallel, evaluation = run_distributed(_losses, 2, data, plan)
     assert len(single) == len(parallel) == 20
     assert single[-1] < single[0] - 0.5, "the loss must actually fall for the comparison to mean anything"
     worst = max(abs(a - b) for a, b in zip(single, parallel))
     assert worst < 1e-4, f"TP=2 ({plan}) departs from TP=1 by {worst}"
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
-def test_resume_is_exact_and_works_at_another_degree(tmp_path):
+def test_resume_is_exact_and_works_at_another_degree(tmp_path, data):
     from dtensor_gpt.reshard import main as reshard
 
-    straight, _ = run_distributed(_losses, 2, "megatron")
-    first, _ = run_distributed(_losses, 2, "megatron", "--max-iters", "10", "--out", str(tmp_path / "at10"))
+    straight, _ = run_distributed(_losses, 2, data, "megatron")
+    first, _ = run_distributed(_losses, 2, data, "megatron", "--max-iters", "10", "--out", str(tmp_path / "at10"))
     assert first == straight[:10]
-    resumed, _ = run_distributed(_losses, 2, "megatron", "--resume", str(tmp_path / "at10"))
+    resumed, _ = run_distributed(_losses, 2, data, "megatron", "--resume", str(tmp_path / "at10"))
     assert len(resumed) == 10
     assert max(abs(a - b) for a, b in zip(resumed, straight[10:])) < 1e-6, "resuming must continue exactly"
     assert reshard([str(tmp_path / "at10"), str(tmp_path / "at10-tp1"), "--tp", "1"]) == 0
-    elsewhere, _ = run_distributed(_losses, 1, "megatron", "--resume", str(tmp_path / "at10-tp1"))
+    elsewhere, _ = run_distributed(_losses, 1, data, "megatron", "--resume", str(tmp_path / "at10-tp1"))
     assert max(abs(a - b) for a, b in zip(elsewhere, straight[10:])) < 1e-4, "resuming at TP=1 follows TP=2"
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
-def test_dp_tp_run_follows_tp_saves_and_resumes(tmp_path):
+def test_dp_tp_run_follows_tp_saves_and_resumes(tmp_path, data):
     """dp=2 x tp=2 on 4 processes against dp=1 x tp=2 on the same global batches."""
-    straight, _ = run_distributed(_losses, 4, "megatron", "--dp", "2")
-    tp_only, _ = run_distributed(_losses, 2, "megatron")
+    straight, _ = run_distributed(_losses, 4, data, "megatron", "--dp", "2")
+    tp_only, _ = run_distributed(_losses, 2, data, "megatron")
     assert len(straight) == 20 and straight[-1] < straight[0] - 0.5
     assert max(abs(a - b) for a, b in zip(straight, tp_only)) < 1e-4, "dp=2 x tp=2 departs from dp=1 x tp=2"
-    run_distributed(_losses, 4, "megatron", "--dp", "2", "--max-iters", "10", "--out", str(tmp_path / "at10"))
-    resumed, _ = run_distributed(_losses, 4, "megatron", "--dp", "2", "--resume", str(tmp_path / "at10"))
+    run_distributed(_losses, 4, data, "megatron", "--dp", "2", "--max-iters", "10", "--out", str(tmp_path / "at10"))
+    resumed, _ = run_distributed(_losses, 4, data, "megatron", "--dp", "2", "--resume", str(tmp_path / "at10"))
     assert max(abs(a - b) for a, b in zip(resumed, straight[10:])) < 1e-6, "a dp x tp run resumes exactly"
-    tp_only, _ = run_distributed(_losses, 2, "megatron", "--resume", str(tmp_path / "at10"))
+    tp_only, _ = run_distributed(_losses, 2, data, "megatron", "--resume", str(tmp_path / "at10"))
     assert max(abs(a - b) for a, b in zip(tp_only, straight[10:])) < 1e-4, "and continues at dp=1"
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
-def test_pure_data_parallel_follows_one_process(tmp_path):
+def test_pure_data_parallel_follows_one_process(tmp_path, data):
     """dp=2 x tp=1: the plan converts nothing at tp=1 and FSDP2 shards the plain parameters."""
-    single, _ = run_distributed(_losses, 1, "megatron")
-    both, _ = run_distributed(_losses, 2, "megatron", "--dp", "2", "--max-iters", "10", "--out", str(tmp_path / "at10"))
-    resumed, _ = run_distributed(_losses, 2, "megatron", "--dp", "2", "--resume", str(tmp_path / "at10"))
+    single, _ = run_distributed(_losses, 1, data, "megatron")
+    both, _ = run_distributed(_losses, 2, data, "megatron", "--dp", "2", "--max-iters", "10", "--out", str(tmp_path / "at10"))
+    resumed, _ = run_distributed(_losses, 2, data, "megatron", "--dp", "2", "--resume", str(tmp_path / "at10"))
     assert max(abs(a - b) for a, b in zip(both + resumed, single)) < 1e-4
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
 @pytest.mark.parametrize("flag, decayed", [([], {"transformer.wte.weight", "transformer.wpe.weight"}),
                                             (["--no-embedding-decay"], set())])
-def test_weight_decay_groups(flag, decayed):
+def test_weight_decay_groups(flag, decayed, data):
     """nanoGPT decays every matrix; --no-embedding-decay spares wte (= lm_head) and wpe, as nanoGPT did in early 2023."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -90,9 +93,9 @@ def test_weight_decay_groups(flag, decayed):
     sys.path.insert(0, str(ROOT / "examples"))
     from train import build, model_config, parse_args
 
-    args = parse_args(["--data", str(DATA), *TINY, *flag])
+    args = parse_args(["--data", data, *TINY, *flag])
     with fake_process_group(2):
-        model, optimizer = build(args, model_config(args, None, TextData(str(DATA))), init_device_mesh("cpu", (2,)))
+        model, optimizer = build(args, model_config(args, None, TextData(data)), init_device_mesh("cpu", (2,)))
         names = {id(p): n for n, p in model.named_parameters()}
         groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     blocks = {n for n in names.values() if n.startswith("transformer.h.")}
@@ -101,13 +104,12 @@ def test_weight_decay_groups(flag, decayed):
     assert "transformer.wte.weight" in names.values() and "lm_head.weight" not in names.values()
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
-def test_bad_settings_give_one_error_line():
+def test_bad_settings_give_one_error_line(data):
     import os
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-           str(ROOT / "examples" / "train.py"), "--data", str(DATA), "--max-iters", "5"]
+           str(ROOT / "examples" / "train.py"), "--data", data, "--max-iters", "5"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode != 0
     assert r.stderr.count("error: n_head=4 is not divisible by tp=3; use tp in {1, 2, 4}") == 1, r.stderr[-2000:]
@@ -252,3 +254,31 @@ def test_resume_with_dropout_is_exact(tmp_path):
     run_distributed(_run, 2, *common, "--max-iters", "4", "--out", str(tmp_path / "at4"), "--always-save-checkpoint")
     resumed, _, _ = run_distributed(_run, 2, *common, "--max-iters", "8", "--resume", str(tmp_path / "at4"))
     assert len(resumed) == 4 and max(abs(a - b) for a, b in zip(resumed, straight[4:])) < 1e-6
+
+
+def _refused(rank, world_size, *argv):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from train import parse_args, train
+
+    try:
+        train(parse_args(list(argv)), init_device_mesh("cpu", (world_size,)), say=lambda *a, **k: None)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_out_holding_a_users_file_is_refused_before_training(tmp_path):
+    """The shipped model's retrain command once deleted its README: --out is checked first, and kept whole."""
+    import shutil
+
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    shutil.copytree(ROOT / "examples" / "models" / "shakespeare_char", tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("how this model was made")
+    message = run_distributed(_refused, 1, "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "model"),
+                              "--max-iters", "100000")
+    assert "--out: " in message and "holds ['README.md'], which its index.json does not name" in message
+    assert (tmp_path / "model" / "README.md").read_text() == "how this model was made"

@@ -14,7 +14,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from distributed import run_distributed
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
-from helpers import compare_with_single_device, full, max_grad_errors, small_config
+from helpers import as_written_before_index_hashes, compare_with_single_device, full, max_grad_errors, small_config
 
 TOL = 1e-5
 NANOGPT = Path(__file__).resolve().parents[1].parent / "shared" / "nanogpt"
@@ -94,9 +94,7 @@ def test_padded_format_1_checkpoint_reads_its_real_rows(tmp_path):
     torch.manual_seed(0)
     padded = GPT(small_config(vocab_size=68))
     save_checkpoint(padded, str(tmp_path / "old"))
-    index = json.loads((tmp_path / "old" / "index.json").read_text())
-    index.update(format="dtensor_gpt/1", vocab_size_unpadded=65)
-    (tmp_path / "old" / "index.json").write_text(json.dumps(index))
+    as_written_before_index_hashes(tmp_path / "old", "dtensor_gpt/1", vocab_size_unpadded=65)
     model = GPT(small_config(vocab_size=65))
     load_checkpoint(model, str(tmp_path / "old"))
     assert torch.equal(model.transformer.wte.weight, padded.transformer.wte.weight[:65])
