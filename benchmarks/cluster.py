@@ -27,6 +27,11 @@ static` runs `torchrun --nnodes K --node-rank i --master-addr 10.213.0.1` instea
 machines, the same command on every machine, with the first machine's address as the
 endpoint and GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) naming the network card, is the job.
 
+A job may change the link rate while it runs (benchmarks/cluster_job.py --rates does, to
+interleave rates): run(..., rate_control=True) gives it a folder in $DTGC_RATE_CONTROL; the job
+writes a rate ('100mbit', 'unlimited') to the file `want` there, the tool sets it on every link
+and writes the same text to `have` (or 'error: ...' when it cannot), and the job goes on.
+
 Every namespace this tool creates is deleted when it ends: normally, on an error, on Ctrl-C,
 SIGTERM or SIGHUP; namespaces left by a killed earlier run (their process gone) are deleted
 when the next one starts. Every job runs under a timeout, after which it is killed.
@@ -263,16 +268,21 @@ class Cluster:
                     "burst", str(burst), "latency", "1s")
         self.rate = rate
 
-    def run(self, commands, timeout, env=None, live=False):
+    def run(self, commands, timeout, env=None, live=False, rate_control=False):
         """
         Run commands[i] inside node i, all at once, and wait for all; stop them all at the
         first failure or at `timeout` seconds. Returns [NodeOutput]; raises JobFailed.
-        With `live`, node 0's output also goes to this process's stdout as it comes.
+        With `live`, node 0's output also goes to this process's stdout as it comes. With
+        `rate_control`, the job sets the link rate itself ($DTGC_RATE_CONTROL, see the module).
         """
         if len(commands) != self.nodes:
             raise ValueError(f"{len(commands)} commands for {self.nodes} nodes")
         processes, logs = [], []
         with tempfile.TemporaryDirectory(prefix=f"{self.name}-") as tmp:
+            control = os.path.join(tmp, "rate")
+            if rate_control:
+                os.mkdir(control)
+                env = {**(env or {}), "DTGC_RATE_CONTROL": control}
             try:
                 for i, command in enumerate(commands):
                     log = open(os.path.join(tmp, f"node{i}.log"), "w+")
@@ -283,14 +293,16 @@ class Cluster:
                     processes.append(subprocess.Popen(["ip", "netns", "exec", self.namespaces[i], *command],
                                                       stdout=log, stderr=subprocess.STDOUT, env=node_env,
                                                       stdin=subprocess.DEVNULL, start_new_session=True))
-                deadline, shown = time.monotonic() + timeout, 0
+                deadline, shown, served = time.monotonic() + timeout, 0, None
                 while any(p.poll() is None for p in processes):
                     if live:
                         shown = _show_new(logs[0], shown)
+                    if rate_control:
+                        served = self._serve_rate(control, served)
                     failed = any(p.poll() not in (None, 0) for p in processes)
                     if failed or time.monotonic() > deadline:
                         break
-                    time.sleep(0.2)
+                    time.sleep(0.05 if rate_control else 0.2)
                 timed_out = any(p.poll() is None for p in processes) and time.monotonic() > deadline
             finally:
                 _stop(processes)
@@ -307,7 +319,26 @@ class Cluster:
             raise JobFailed(f"the job on {self.nodes} emulated nodes {why}\n{tails}")
         return outputs
 
-    def torchrun(self, script_and_args, nproc_per_node, timeout, env=None, live=False, rdzv="c10d"):
+    def _serve_rate(self, control, served):
+        """Set the rate the job wrote to `want` if it is new, then answer in `have`; returns the text served."""
+        try:
+            with open(os.path.join(control, "want")) as f:
+                wanted = f.read()
+        except FileNotFoundError:
+            return served
+        if wanted == served:
+            return served
+        try:
+            self.set_rate(parse_rate(wanted))
+            answer = wanted
+        except (ValueError, subprocess.CalledProcessError) as e:
+            answer = f"error: {e}"
+        with open(os.path.join(control, "have.tmp"), "w") as f:
+            f.write(answer)
+        os.replace(os.path.join(control, "have.tmp"), os.path.join(control, "have"))
+        return wanted
+
+    def torchrun(self, script_and_args, nproc_per_node, timeout, env=None, live=False, rdzv="c10d", rate_control=False):
         """Start `script_and_args` on every node with torchrun; see the module's docstring."""
         commands = []
         for i in range(self.nodes):
@@ -322,7 +353,7 @@ class Cluster:
             else:
                 raise ValueError(f"rdzv={rdzv!r} must be 'c10d' or 'static'")
             commands.append(command + list(script_and_args))
-        return self.run(commands, timeout, env=env, live=live)
+        return self.run(commands, timeout, env=env, live=live, rate_control=rate_control)
 
 
 def _is_main_thread():
@@ -348,6 +379,8 @@ def main(argv=None):
     parser.add_argument("--rate", default="unlimited", help="link rate per node, e.g. 100mbit, 1gbit (default: unlimited)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before the job is killed (default: 600)")
     parser.add_argument("--rdzv", default="c10d", choices=["c10d", "static"])
+    parser.add_argument("--rate-control", action="store_true",
+                        help="let the job change the rate itself ($DTGC_RATE_CONTROL; cluster_job.py --rates)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS]: what torchrun starts on each node")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -360,7 +393,8 @@ def main(argv=None):
     try:
         rate = parse_rate(args.rate)
         with Cluster(args.nodes, rate) as cluster:
-            outputs = cluster.torchrun(command, args.nproc_per_node, args.timeout, live=True, rdzv=args.rdzv)
+            outputs = cluster.torchrun(command, args.nproc_per_node, args.timeout, live=True, rdzv=args.rdzv,
+                                       rate_control=args.rate_control)
     except (ValueError, JobFailed, _Terminated, KeyboardInterrupt) as e:
         print(f"cluster.py: {e or 'interrupted'}", file=sys.stderr)
         return 1

@@ -3,17 +3,19 @@ What communication costs in time. GPT-2 124M under each TP plan on emulated node
 `tc` caps (benchmarks/cluster.py), a cost model fitted to a collective microbenchmark on the
 same links and checked against every measured cell, and the same model on paper for real links.
 
-    python benchmarks/comm_cost.py measure      # plans x TP x link rate (root; about an hour on 2 quiet cores)
+    python benchmarks/comm_cost.py measure --tp 2    # plans x link rate, TP=2 (root; about 20 min on 2 loaded cores)
+    python benchmarks/comm_cost.py measure --tp 4 --repeats 2
     python benchmarks/comm_cost.py placement    # dp=2 x tp=2 on 2 nodes: TP inside the nodes or across (root)
     python benchmarks/comm_cost.py report [--png docs/comm_cost.png]   # tables (markdown), PNG, on-paper table
 
-measure: for TP = 2 and 4, TP nodes of one rank each, so that every TP collective crosses the
-capped links; for each rate, one job (benchmarks/cluster_job.py) first times torch.distributed's
-collectives (the microbenchmark), then, under each plan, the prefill of 512 tokens, decoding
-per token after it (KV cache), and one training step of 512 tokens (forward, backward, AdamW).
-Each job's results, with the machine's load while it ran, go to docs/comm_cost/. Jobs start
-only once the machine's 1-minute load average is under --max-load (or --max-wait has passed:
-then the result says so). `report` reads those files only.
+measure: TP nodes of one rank each, so that every TP collective crosses the capped links; one
+job (benchmarks/cluster_job.py) per TP degree first times torch.distributed's collectives (the
+microbenchmark), then, under each plan, the prefill of 512 tokens, decoding per token after it
+(KV cache), and one training step of 512 tokens (forward, backward, AdamW). The job sets the
+link rate itself and visits every rate in every repeat (in alternating order), so that a shared
+machine whose load drifts slows every rate alike; each time is stored with the 1-minute load
+average it was taken under, and the job with its load over its whole run, in docs/comm_cost/.
+`report` reads those files only.
 
 The cost model. A cell's time at link rate R is its time on the unlimited link (computation,
 and the unlimited link's own communication) plus, for every collective the cell issues
@@ -46,7 +48,7 @@ RATES = ["unlimited", "1gbit", "300mbit", "100mbit"]
 SIZES = [2048, 8192, 32768, 131072, 524288, 2097152]
 PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all"]
 MEASURES = ["decode", "prefill", "train"]
-WORKLOAD = dict(config="gpt2", context=512, new=16, train_batch=1, train_seq=512, repeats=3)
+WORKLOAD = dict(config="gpt2", context=512, new=8, train_batch=1, train_seq=512, repeats=3)
 # examples/train.py's own model (nanoGPT's CPU shakespeare_char) with its batch (12 rows of 64 characters, 6
 # per dp rank) and with 64 rows; then GPT-2 124M with one 512-token row per dp rank
 NANOGPT = ["--config", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--vocab-size", "65"]
@@ -58,7 +60,6 @@ PLACEMENT = [
     dict(name="gpt2", label="GPT-2 124M", rates=["unlimited", "100mbit"], repeats=2,
          job=["--config", "gpt2", "--train-batch", "1", "--train-seq", "512"]),
 ]
-KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n}
 
@@ -209,70 +210,51 @@ class LoadMonitor:
                     other_runnable_mean=mean(self.others))
 
 
-def wait_for_quiet(max_load, max_wait, say):
-    """Wait (polling every 30 s, at most max_wait s) for the 1-minute load to fall under max_load."""
-    deadline = time.monotonic() + max_wait
-    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
-        say(f"load {os.getloadavg()[0]:.1f} >= {max_load}: waiting")
-        time.sleep(min(30, max(1, deadline - time.monotonic())))
-    load = os.getloadavg()[0]
-    return dict(load1_at_start=round(load, 2), quiet=load < max_load)
-
-
 # ------------------------------------------------------------------------------- measuring
 
 def run_job(cluster, name, job_args, nproc_per_node, args, say):
-    """One job on the cluster; its result, with the rate and the load, saved as RESULTS/name.json."""
-    from cluster import rate_label
-
+    """One job on the cluster, setting the link rates itself; its result, with the load, saved as RESULTS/name.json."""
     path = os.path.join(args.results, f"{name}.json")
     if os.path.exists(path) and not args.again:
         say(f"{name}: kept (--again measures it anew)")
         return
-    quiet = wait_for_quiet(args.max_load, args.max_wait, say)
     partial = path + ".partial"
+    load1_at_start = round(os.getloadavg()[0], 2)
     with LoadMonitor() as monitor:
         start = time.time()
-        cluster.torchrun([JOB, "--out", partial, *job_args], nproc_per_node, timeout=args.job_timeout)
+        cluster.torchrun([JOB, "--out", partial, *job_args], nproc_per_node, timeout=args.job_timeout, rate_control=True)
     with open(partial) as f:
         result = json.load(f)
     os.remove(partial)
-    result.update(name=name, rate=cluster.rate, rate_label=rate_label(cluster.rate), seconds=round(time.time() - start, 1),
-                  load={**quiet, **monitor.summary()}, cpus=os.cpu_count(), job_args=job_args,
-                  burst_seconds=cluster.burst_seconds)
+    result.update(name=name, seconds=round(time.time() - start, 1), load=dict(load1_at_start=load1_at_start, **monitor.summary()),
+                  cpus=os.cpu_count(), job_args=job_args, burst_seconds=cluster.burst_seconds)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     say(f"{name}: {result['seconds']} s, load {result['load']}")
 
 
 def measure(args, say):
-    from cluster import Cluster, parse_rate, rate_label
+    from cluster import Cluster
 
     w = {**WORKLOAD, **{k: v for k, v in vars(args).items() if k in WORKLOAD and v is not None}}
     for tp in args.tp:
         with Cluster(tp) as cluster:
-            for rate in args.rates:
-                cluster.set_rate(parse_rate(rate))
-                job = ["--collectives", ",".join(map(str, SIZES)), "--groups", "world", "--plans", ",".join(args.plans),
-                       "--config", w["config"], "--context", str(w["context"]), "--new", str(w["new"]),
-                       "--train-batch", str(w["train_batch"]), "--train-seq", str(w["train_seq"]),
-                       "--repeats", str(w["repeats"])]
-                run_job(cluster, f"tp{tp}-{rate_label(parse_rate(rate))}", job, 1, args, say)
+            job = ["--rates", ",".join(args.rates), "--collectives", ",".join(map(str, SIZES)), "--groups", "world",
+                   "--plans", ",".join(args.plans), "--config", w["config"], "--context", str(w["context"]),
+                   "--new", str(w["new"]), "--train-batch", str(w["train_batch"]), "--train-seq", str(w["train_seq"]),
+                   "--repeats", str(w["repeats"])]
+            run_job(cluster, f"tp{tp}", job, 1, args, say)
 
 
 def placement(args, say):
-    from cluster import Cluster, parse_rate, rate_label
+    from cluster import Cluster
 
     with Cluster(2) as cluster:
         for workload in PLACEMENT:
-            for rate in args.rates or workload["rates"]:
-                cluster.set_rate(parse_rate(rate))
-                for where in ("tp-inside", "tp-across"):
-                    job = ["--placement", where, *workload["job"], "--repeats", str(workload["repeats"])]
-                    if where == "tp-inside":  # the links' microbenchmark: a pair across the nodes per local rank, both at once
-                        job += ["--collectives", ",".join(map(str, SIZES)), "--groups", "cross"]
-                    name = f"placement-{workload['name']}-{where}-{rate_label(parse_rate(rate))}"
-                    run_job(cluster, name, job, 2, args, say)
+            # the links' microbenchmark: a pair across the nodes per local rank, both at once (as the dp groups run)
+            job = ["--placement", "--rates", ",".join(args.rates or workload["rates"]), *workload["job"],
+                   "--repeats", str(workload["repeats"]), "--collectives", ",".join(map(str, SIZES)), "--groups", "cross"]
+            run_job(cluster, f"placement-{workload['name']}", job, 2, args, say)
 
 
 def main(argv=None):
@@ -284,8 +266,6 @@ def main(argv=None):
     parser.add_argument("--rates", type=lambda s: s.split(","), help=f"link rates (default {','.join(RATES)})")
     parser.add_argument("--plans", default=",".join(PLANS), type=lambda s: s.split(","))
     parser.add_argument("--again", action="store_true", help="measure anew what --results already holds")
-    parser.add_argument("--max-load", type=float, default=2.5, help="start a job only under this 1-minute load")
-    parser.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for --max-load before each job")
     parser.add_argument("--job-timeout", type=float, default=3600, help="seconds before a job is killed")
     parser.add_argument("--png", help="with report: draw time against link rate to this file")
     for name, value in WORKLOAD.items():

@@ -11,8 +11,7 @@ import math
 import os
 from collections import Counter
 
-from comm_cost import (MEASURES, PLACEMENT, PLANS, RATES, comm_seconds, fit_link, measure_options, plan_collectives,
-                       predict)
+from comm_cost import MEASURES, PLACEMENT, PLANS, comm_seconds, fit_link, measure_options, plan_collectives, predict
 
 from dtensor_gpt.configs import config_by_name
 
@@ -27,9 +26,10 @@ def load_results(directory):
     return results
 
 
-def link_fit(result):
+def link_fit(result, rate):
+    """The cost model's link at `rate`, fitted to the microbenchmark of the job that measured `result`."""
     c = result["collectives"]
-    return fit_link({k: {int(s): t for s, t in v.items()} for k, v in c["seconds"].items()}, c["group_size"])
+    return fit_link({k: {int(s): t for s, t in v.items()} for k, v in c["seconds"][rate].items()}, c["group_size"])
 
 
 class CollectiveCounts:
@@ -55,39 +55,50 @@ def fmt_time(seconds):
 
 
 def fmt_rate(label):
-    return {"unlimited": "unlimited", "1gbit": "1 Gbit/s", "300mbit": "300 Mbit/s", "100mbit": "100 Mbit/s"}.get(label, label)
-
-
-def nominal(label):
     from cluster import parse_rate
 
-    return parse_rate(label)
+    bits = parse_rate(label)
+    if bits is None:
+        return "unlimited"
+    return f"{bits / 1e9:g} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:g} Mbit/s"
+
+
+def fastest_first(rates):
+    from cluster import parse_rate
+
+    return sorted(rates, key=lambda r: -math.inf if parse_rate(r) is None else -parse_rate(r))
 
 
 # --------------------------------------------------------------------- measured vs predicted
 
 def cells(results, counts):
-    """Every measured cell with its prediction: dicts tp, plan, measure, rate, measured, predicted."""
+    """
+    Every measured cell with its prediction: dicts tp, plan, measure, rate, measured (the fastest repeat),
+    samples (each repeat's), load1 (the 1-minute load at each), predicted.
+    """
     out = []
     for tp in (2, 4):
-        base = results.get(f"tp{tp}-unlimited")
-        if base is None:
+        r = results.get(f"tp{tp}")
+        if r is None:
             continue
-        unlimited_link = link_fit(base)
-        for rate in RATES:
-            r = results.get(f"tp{tp}-{rate}")
-            if r is None:
-                continue
-            link = link_fit(r)
-            for row, base_row in zip(r["plans"], base["plans"]):
+        unlimited_link = link_fit(r, "unlimited")
+        for rate in fastest_first(r["rates"]):
+            link = link_fit(r, rate)
+            for row in r["plans"]:
                 for measure in MEASURES:
                     c = counts(row["plan"], tp, r["config"],
                                **measure_options(measure, r["context"] if measure != "train" else r["train_seq"], r["train_batch"]))
                     logged = Counter({(k, b): n for k, b, n in row[f"{measure}_collectives"]})
-                    out.append(dict(tp=tp, plan=row["plan"], measure=measure, rate=rate, measured=row[measure], config=r["config"],
-                                    predicted=predict(base_row[measure], c, tp, link, unlimited_link),
-                                    comm=comm_seconds(c, tp, link), logged_matches=logged == c, load=r["load"]))
+                    out.append(dict(tp=tp, plan=row["plan"], measure=measure, rate=rate, measured=row[measure][rate],
+                                    samples=row[f"{measure}_samples"][rate], load1=row[f"{measure}_load1"][rate],
+                                    config=r["config"], predicted=predict(row[measure]["unlimited"], c, tp, link, unlimited_link),
+                                    comm=comm_seconds(c, tp, link), logged_matches=logged == c))
     return out
+
+
+def spread(cell):
+    """(slowest - fastest) / fastest of a cell's repeats: how much the shared machine moved it."""
+    return (max(cell["samples"]) - min(cell["samples"])) / cell["measured"]
 
 
 def error(cell):
@@ -95,7 +106,7 @@ def error(cell):
 
 
 def measured_table(all_cells, tp):
-    rates = [r for r in RATES if any(c["tp"] == tp and c["rate"] == r for c in all_cells)]
+    rates = fastest_first({c["rate"] for c in all_cells if c["tp"] == tp})
     lines = [f"| TP={tp} plan | measure | " + " | ".join(fmt_rate(r) for r in rates) + " |",
              "|---|---|" + "---|" * len(rates)]
     for plan in PLANS:
@@ -114,20 +125,29 @@ def measured_table(all_cells, tp):
 
 
 def links_table(results):
-    lines = ["| job | link rate | all-reduce: alpha, beta | all-gather: alpha, beta | reduce-scatter: alpha, beta | "
-             "1-min load at start / mean during / others' runnable threads | job time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| job | link rate | all-reduce: alpha, beta | all-gather: alpha, beta | reduce-scatter: alpha, beta |",
+             "|---|---|---|---|---|"]
     for name, r in results.items():
         if "collectives" not in r:
             continue
-        fit = link_fit(r)
-        cols = []
-        for kind in ("all_reduce", "all_gather", "reduce_scatter"):
-            alpha, beta = fit[kind]
-            cols.append(f"{alpha * 1e6:.0f} us, " + ("inf" if math.isinf(beta) else f"{beta * 8 / 1e6:,.0f} Mbit/s"))
+        for rate in fastest_first(r["rates"]):
+            fit = link_fit(r, rate)
+            cols = []
+            for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+                alpha, beta = fit[kind]
+                cols.append(f"{alpha * 1e6:.0f} us, " + ("inf" if math.isinf(beta) else f"{beta * 8 / 1e6:,.0f} Mbit/s"))
+            lines.append(f"| {name} | {fmt_rate(rate)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def jobs_table(results):
+    """What each job took, and the machine's load while it ran (its own processes included)."""
+    lines = ["| job | repeats | wall time | 1-min load: at start / mean / max | others' runnable threads, mean |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
         load = r["load"]
-        lines.append(f"| {name} | {fmt_rate(r['rate_label'])} | " + " | ".join(cols) +
-                     f" | {load['load1_at_start']} / {load['load1_mean']} / {load['other_runnable_mean']} | {r['seconds']:.0f} s |")
+        lines.append(f"| {name} | {r['repeats']} | {r['seconds'] / 60:.1f} min | {load['load1_at_start']} / {load['load1_mean']} / "
+                     f"{load['load1_max']} | {load['other_runnable_mean']} |")
     return "\n".join(lines)
 
 
@@ -136,7 +156,7 @@ def savings_table(all_cells):
     lines = ["| TP | link | measure | megatron | megatron-sp | spd last:6 | spd all |", "|---|---|---|---|---|---|---|"]
     index = {(c["tp"], c["rate"], c["measure"], c["plan"]): c["measured"] for c in all_cells}
     for tp in (2, 4):
-        for rate in RATES:
+        for rate in fastest_first({c["rate"] for c in all_cells}):
             for measure in MEASURES:
                 m = index.get((tp, rate, measure, "megatron"))
                 if m is None:
@@ -153,7 +173,10 @@ def plot(all_cells, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_of = {"unlimited": 4e9, **{r: nominal(r) for r in RATES if r != "unlimited"}}
+    from cluster import parse_rate
+
+    rates = fastest_first({c["rate"] for c in all_cells})
+    x_of = {r: parse_rate(r) or 4 * max(parse_rate(q) or 0 for q in rates) for r in rates}
     colors = {"megatron": "#4c72b0", "megatron-sp": "#55a868", "spd:last:6": "#c44e52", "spd:all": "#8172b2"}
     tps = sorted({c["tp"] for c in all_cells})
     fig, axes = plt.subplots(len(tps), 3, figsize=(13, 3.6 * len(tps)), squeeze=False)
@@ -170,8 +193,8 @@ def plot(all_cells, path):
                 ax.plot(xs, [p[1] * scale for p in pts], "o-", color=colors[plan], label=f"{plan} measured")
                 ax.plot(xs, [p[2] * scale for p in pts], "--", color=colors[plan], alpha=0.7, label=f"{plan} model")
             ax.set_xscale("log")
-            ax.set_xticks([x_of[r] for r in RATES])
-            ax.set_xticklabels(["unlim.", "1 Gbit/s", "300 Mbit/s", "100 Mbit/s"][: len(RATES)][::1])
+            ax.set_xticks([x_of[r] for r in rates], [fmt_rate(r).replace("unlimited", "unlim.") for r in rates], fontsize=8)
+            ax.minorticks_off()
             ax.invert_xaxis()
             ax.set_ylabel("s" if measure == "train" else "ms")
             title = {"decode": "decode, per token", "prefill": "prefill, 512 tokens", "train": "training step, 512 tokens"}
@@ -193,31 +216,27 @@ def placement_table(results):
              "TP across nodes (b) | (b) / (a) measured | (b) / (a) model | over the link per step per node, (a) / (b) |",
              "|---|---|---|---|---|---|---|"]
     for workload in PLACEMENT:
-        name = f"placement-{workload['name']}"
-        base_link = None
-        for rate in workload["rates"]:
-            inside, across = results.get(f"{name}-tp-inside-{rate}"), results.get(f"{name}-tp-across-{rate}")
-            if inside is None or across is None:
-                continue
-            link = link_fit(inside)
-            if rate == "unlimited":
-                base_link = link
-            if base_link is None:
-                continue
+        r = results.get(f"placement-{workload['name']}")
+        if r is None:
+            continue
+        p, per_node = r["placement"], r["world_size"] // r["nodes"]
+        base_link = link_fit(r, "unlimited")
+        crossing_counts = {}
+        for where in ("tp-inside", "tp-across"):
+            counts = Counter()
+            for kind, size, ranks in p[where]["collectives"][0]:  # rank 0's: every rank's have the same shape
+                if len({rank // per_node for rank in ranks}) > 1:
+                    counts[(kind, size)] += 1
+            crossing_counts[where] = counts
+        for rate in fastest_first(r["rates"]):
+            link = link_fit(r, rate)
             measured, predicted, crossing = {}, {}, {}
-            for where, r in (("tp-inside", inside), ("tp-across", across)):
-                base = results[f"{name}-{where}-unlimited"]
-                per_node = r["world_size"] // r["nodes"]
-                counts = Counter()
-                for kind, size, ranks in r["placement"]["collectives"][0]:  # rank 0's: every rank's have the same shape
-                    if len({rank // per_node for rank in ranks}) > 1:
-                        counts[(kind, size)] += 1
-                measured[where] = r["placement"]["train"]
-                predicted[where] = predict(base["placement"]["train"], counts, 2, link, base_link)
+            for where, counts in crossing_counts.items():
+                measured[where] = p[where]["train"][rate]
+                predicted[where] = predict(p[where]["train"]["unlimited"], counts, 2, link, base_link)
                 # 2-rank groups: an all-reduce sends its whole message, the others half; every rank of a node uses its link
                 crossing[where] = per_node * sum(n * size * (1 if k == "all_reduce" else 0.5) for (k, size), n in counts.items())
             a, b = measured["tp-inside"], measured["tp-across"]
-            p = inside["placement"]
             label = f"{workload['label']}, {p['train_batch_per_dp_rank']} x {p['train_seq']}"
             lines.append(f"| {label} | {fmt_rate(rate)} | {fmt_time(a)} (model {fmt_time(predicted['tp-inside'])}) | "
                          f"{fmt_time(b)} (model {fmt_time(predicted['tp-across'])}) | {b / a:.2f} | "
@@ -310,19 +329,28 @@ def report(args):
     results = load_results(args.results)
     counts = CollectiveCounts(os.path.join(args.results, "collectives.json"))
     all_cells = cells(results, counts)
+    if results:
+        print("## The jobs, and the shared machine's load while they ran\n")
+        print(jobs_table(results), "\n")
     if all_cells:
         print("## Links fitted from the microbenchmark (alpha: latency per collective; beta: wire bytes per second)\n")
         print(links_table(results), "\n")
         for tp in sorted({c["tp"] for c in all_cells}):
             print(f"## TP={tp}: measured (model, error)\n")
             print(measured_table(all_cells, tp), "\n")
+        unlimited = {(c["tp"], c["plan"], c["measure"]): c["measured"] for c in all_cells if c["rate"] == "unlimited"}
         errors = [abs(error(c)) for c in all_cells if c["rate"] != "unlimited"]
         outside = [c for c in all_cells if c["rate"] != "unlimited" and abs(error(c)) > 0.2]
         print(f"cost model: {len(errors)} predicted cells, median |error| {sorted(errors)[len(errors) // 2]:.1%}, "
               f"max {max(errors):.1%}, {len(errors) - len(outside)} within ±20%")
+        spreads = sorted(spread(c) for c in all_cells)
+        print(f"noise: a cell's repeats spread (slowest - fastest) / fastest {spreads[len(spreads) // 2]:.0%} in the median cell, "
+              f"{spreads[-1]:.0%} at most")
         for c in outside:
             print(f"  outside ±20%: TP={c['tp']} {c['plan']} {c['measure']} at {fmt_rate(c['rate'])}: measured "
-                  f"{fmt_time(c['measured'])}, model {fmt_time(c['predicted'])} ({error(c):+.0%})")
+                  f"{fmt_time(c['measured'])} (repeats {', '.join(fmt_time(t) for t in c['samples'])}; unlimited "
+                  f"{fmt_time(unlimited[c['tp'], c['plan'], c['measure']])}), model {fmt_time(c['predicted'])} "
+                  f"({error(c):+.0%}), of which communication {fmt_time(c['comm'])}")
         mismatched = [c for c in all_cells if not c["logged_matches"]]
         print(f"collectives the jobs issued = dtensor_gpt.comm's count in {len(all_cells) - len(mismatched)} of "
               f"{len(all_cells)} cells", *[f"{c['tp']} {c['plan']} {c['measure']}" for c in mismatched], "\n")

@@ -88,25 +88,27 @@ TINY = ["--config", "tiny", "--context", "8", "--new", "3", "--train-seq", "8", 
 
 
 @needs_cluster
-@pytest.mark.parametrize("rdzv, rate", [("c10d", "20mbit"), ("static", "unlimited")])
-def test_two_node_torchrun_job(tmp_path, rdzv, rate):
+@pytest.mark.parametrize("rdzv, rates", [("c10d", ["unlimited", "20mbit"]), ("static", ["unlimited"])])
+def test_two_node_torchrun_job(tmp_path, rdzv, rates):
     """
     torchrun on 2 nodes (c10d rendezvous, or --node-rank with a static one): the tiny model's
     prefill, decoding and training step run under megatron and issue exactly the collectives
-    dtensor_gpt.comm counts; a 256 KiB all-reduce over a 20 Mbit/s link takes at least its
-    bytes over the rate, an unlimited link does it 5 times faster than that.
+    dtensor_gpt.comm counts; the job sets each rate in turn, and a 256 KiB all-reduce over a
+    20 Mbit/s link takes at least its bytes over the rate, an unlimited link does it 5 times
+    faster than that.
     """
     out = tmp_path / "result.json"
     before = host_network()
-    with Cluster(2, rate=parse_rate(rate)) as c:
-        c.torchrun([JOB, "--out", str(out), "--collectives", "262144", "--plans", "megatron", *TINY],
-                   nproc_per_node=1, timeout=150, rdzv=rdzv)
+    with Cluster(2) as c:
+        c.torchrun([JOB, "--out", str(out), "--rates", ",".join(rates), "--collectives", "262144", "--plans", "megatron",
+                    *TINY], nproc_per_node=1, timeout=150, rdzv=rdzv, rate_control=True)
         made = {c.switch, *c.namespaces}
     assert not made & namespaces() and host_network() == before
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and sorted(node for _, _, node in result["placement_of_ranks"]) == [0, 1]
     row = result["plans"][0]
-    assert row["prefill"] > 0 and row["decode"] > 0 and row["train"] > 0
+    for measure in ("prefill", "decode", "train"):
+        assert sorted(row[measure]) == sorted(rates) and all(t > 0 for t in row[measure].values())
 
     def expected(**kw):
         r = comm_report("megatron", tp=2, config="tiny", batch=1, seq=8, **kw)
@@ -118,12 +120,42 @@ def test_two_node_torchrun_job(tmp_path, rdzv, rate):
     assert row["prefill_collectives"] == expected()
     assert row["decode_collectives"] == expected(decode=True)
     assert row["train_collectives"] == expected(backward=True, optimizer_step=True)
-    all_reduce = result["collectives"]["seconds"]["all_reduce"]["262144"]
+    all_reduce = {rate: result["collectives"]["seconds"][rate]["all_reduce"]["262144"] for rate in rates}
     on_the_wire = 262144 * 8 / 20e6  # 2 ranks: each sends the whole message once (ring: 2(N-1)/N)
-    if rate == "20mbit":
-        assert all_reduce >= 0.9 * on_the_wire
-    else:
-        assert all_reduce < on_the_wire / 5
+    assert all_reduce["unlimited"] < on_the_wire / 5
+    if "20mbit" in rates:
+        assert all_reduce["20mbit"] >= 0.9 * on_the_wire
+
+
+ASKS_FOR_RATES = """
+import os, subprocess, time
+control, answer = os.environ["DTGC_RATE_CONTROL"], None
+for rate in ("20mbit", "fast"):
+    with open(os.path.join(control, "want.tmp"), "w") as f:
+        f.write(rate)
+    os.replace(os.path.join(control, "want.tmp"), os.path.join(control, "want"))  # whole, as the tool reads it
+    while True:
+        try:
+            have = open(os.path.join(control, "have")).read()
+        except FileNotFoundError:
+            have = None
+        if have not in (None, answer):
+            break
+        time.sleep(0.02)
+    answer = have
+    print(rate, "->", have)
+    print(subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout, flush=True)
+"""
+
+
+@needs_cluster
+def test_a_job_sets_the_link_rate_itself():
+    """A job writes a rate to $DTGC_RATE_CONTROL/want: the tool caps its links at it, or answers why not."""
+    with Cluster(2) as c:
+        node0 = c.run([[sys.executable, "-c", ASKS_FOR_RATES], ["true"]], timeout=30, rate_control=True)[0].output
+    capped, refused = node0.split("fast ->")
+    assert capped.startswith("20mbit -> 20mbit") and "tbf" in capped and "rate 20Mbit" in capped
+    assert refused.startswith(" error: link rate 'fast' is not a rate such as 100mbit")
 
 
 STOPPED_RUN = f"""
