@@ -206,7 +206,7 @@ class LoadMonitor:
 
     def summary(self):
         mean = lambda xs: round(statistics.fmean(xs), 2) if xs else None
-        return dict(load1_mean=mean(self.loads), load1_max=max(self.loads, default=None),
+        return dict(load1_mean=mean(self.loads), load1_max=round(max(self.loads), 2) if self.loads else None,
                     other_runnable_mean=mean(self.others))
 
 

@@ -147,7 +147,7 @@ def jobs_table(results):
     for name, r in results.items():
         load = r["load"]
         lines.append(f"| {name} | {r['repeats']} | {r['seconds'] / 60:.1f} min | {load['load1_at_start']} / {load['load1_mean']} / "
-                     f"{load['load1_max']} | {load['other_runnable_mean']} |")
+                     f"{load['load1_max']:.2f} | {load['other_runnable_mean']} |")
     return "\n".join(lines)
 
 
@@ -338,7 +338,7 @@ def report(args):
         for tp in sorted({c["tp"] for c in all_cells}):
             print(f"## TP={tp}: measured (model, error)\n")
             print(measured_table(all_cells, tp), "\n")
-        unlimited = {(c["tp"], c["plan"], c["measure"]): c["measured"] for c in all_cells if c["rate"] == "unlimited"}
+        unlimited = {(c["tp"], c["plan"], c["measure"]): c for c in all_cells if c["rate"] == "unlimited"}
         errors = [abs(error(c)) for c in all_cells if c["rate"] != "unlimited"]
         outside = [c for c in all_cells if c["rate"] != "unlimited" and abs(error(c)) > 0.2]
         print(f"cost model: {len(errors)} predicted cells, median |error| {sorted(errors)[len(errors) // 2]:.1%}, "
@@ -346,11 +346,16 @@ def report(args):
         spreads = sorted(spread(c) for c in all_cells)
         print(f"noise: a cell's repeats spread (slowest - fastest) / fastest {spreads[len(spreads) // 2]:.0%} in the median cell, "
               f"{spreads[-1]:.0%} at most")
+        within = [c for c in outside if min(c["samples"]) <= c["predicted"] <= max(c["samples"])]
+        print(f"of the {len(outside)} outside, {len(within)} predict a time inside the range of the cell's own repeats "
+              f"(the shared machine's noise is larger than the error)")
         for c in outside:
+            base = unlimited[c["tp"], c["plan"], c["measure"]]
             print(f"  outside ±20%: TP={c['tp']} {c['plan']} {c['measure']} at {fmt_rate(c['rate'])}: measured "
-                  f"{fmt_time(c['measured'])} (repeats {', '.join(fmt_time(t) for t in c['samples'])}; unlimited "
-                  f"{fmt_time(unlimited[c['tp'], c['plan'], c['measure']])}), model {fmt_time(c['predicted'])} "
-                  f"({error(c):+.0%}), of which communication {fmt_time(c['comm'])}")
+                  f"{fmt_time(c['measured'])} (repeats {fmt_time(min(c['samples']))} to {fmt_time(max(c['samples']))}; "
+                  f"unlimited {fmt_time(base['measured'])}, repeats {fmt_time(min(base['samples']))} to "
+                  f"{fmt_time(max(base['samples']))}), model {fmt_time(c['predicted'])} ({error(c):+.0%}), of which "
+                  f"communication {fmt_time(c['comm'])}" + ("; inside the repeats' range" if c in within else ""))
         mismatched = [c for c in all_cells if not c["logged_matches"]]
         print(f"collectives the jobs issued = dtensor_gpt.comm's count in {len(all_cells) - len(mismatched)} of "
               f"{len(all_cells)} cells", *[f"{c['tp']} {c['plan']} {c['measure']}" for c in mismatched], "\n")
@@ -364,6 +369,13 @@ def report(args):
         print("## Placement: dp=2 x tp=2 on 2 nodes of 2 ranks, training step\n")
         print(table, "\n")
     t1, t2 = paper_tables(counts)
+    print("## On paper: the links\n")
+    print("| link | bandwidth each way | alpha per ring step (NCCL, ring/LL) | source |\n|---|---|---|---|")
+    for name, bandwidth, hop, source in LINKS:
+        print(f"| {name} | {bandwidth / 1e9:g} GB/s | {NCCL_BASE_LATENCY * 1e6:g} us + {hop * 1e6:g} us per step | {source} |")
+    print(f"\ncompute on one H100 SXM: a training step at {MFU:.0%} of {H100_BF16_FLOPS / 1e12:g} TFLOP/s (bf16), a decoded token "
+          f"reading the weights and KV cache at {DECODE_BANDWIDTH_FRACTION:.0%} of {H100_HBM_BYTES / 1e12:g} TB/s; divided by TP; "
+          "messages in bf16 (half the fp32 bytes counted)\n")
     print("## On paper: real links (megatron: time per step and speed-up over one GPU)\n")
     print(t1, "\n")
     print("## On paper: speed-up over one GPU, megatron / megatron-sp / spd half the blocks / spd all blocks\n")
