@@ -8,7 +8,8 @@ The measured job of benchmarks/comm_cost.py: run by torchrun on every emulated n
 --collectives times torch.distributed's all_reduce, all_gather_into_tensor and
 reduce_scatter_tensor (the ops DTensor's and FSDP2's collectives reach in gloo) at each message
 size, over the whole world or, with --groups cross/inside, over every group of ranks that
-share a local rank / a node, all groups at once (as a 2-D mesh runs them). --plans builds the
+share a local rank / a node, all groups at once (as a 2-D mesh runs them); with --idle S, one
+collective per trial after S seconds of idle link instead of back to back. --plans builds the
 model under each plan on a 1-D TP mesh of the whole world and times the prefill of --context
 tokens, decoding with a KV cache after it (per token), and one training step (forward,
 backward, AdamW; loss_parallel) of --train-batch x --train-seq tokens. --placement builds the
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--rates", required=True, help="link rates to measure at, comma-separated (unlimited, 100mbit, ...)")
     p.add_argument("--collectives", help="message sizes in bytes, comma-separated")
     p.add_argument("--groups", default="world", choices=["world", "cross", "inside"])
+    p.add_argument("--idle", type=float, default=0.0, help="seconds the link idles before each timed collective (0: back to back)")
     p.add_argument("--plans", help="comma-separated: megatron, megatron-sp, spd:all, spd:last:K")
     p.add_argument("--placement", action="store_true")
     p.add_argument("--plan", default="megatron", help="the TP plan of --placement")
@@ -170,8 +172,12 @@ def interleaved(rates, repeats):
             yield i, rate
 
 
-def time_collectives(sizes, groups_kind, rates, repeats):
-    """{rate: {kind: {size: seconds per collective}}}: back-to-back collectives, the fastest of `repeats` trials."""
+def time_collectives(sizes, groups_kind, rates, repeats, idle=0.0):
+    """
+    {rate: {kind: {size: seconds per collective}}}: back-to-back collectives, the fastest of
+    `repeats` trials; with `idle` > 0, one collective per trial after the link has been idle
+    that many seconds, as a model's collectives come between stretches of computation.
+    """
     nodes, per_node = dist.get_world_size() // int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
     mine = None
     for ranks in node_groups(groups_kind, nodes, per_node):  # every rank creates every group, in order
@@ -189,16 +195,19 @@ def time_collectives(sizes, groups_kind, rates, repeats):
                 op = {"all_reduce": lambda: dist.all_reduce(full, group=mine),
                       "all_gather": lambda: dist.all_gather_into_tensor(full, part, group=mine),
                       "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full, group=mine)}[kind]
-                back_to_back = max(1, min(20, 2 ** 21 // size))
+                back_to_back = 1 if idle else max(1, min(20, 2 ** 21 // size))
                 op()
                 dist.barrier()
+                time.sleep(idle)
                 start = time.perf_counter()
                 for _ in range(back_to_back):
                     op()
                 trials[rate][kind][size].append((time.perf_counter() - start) / back_to_back)
-    seconds = {rate: {kind: {size: min(slowest(t)) for size, t in by_size.items()}
-                      for kind, by_size in by_kind.items()} for rate, by_kind in trials.items()}
-    return dict(group_size=g, groups=groups_kind, seconds=seconds)
+    samples = {rate: {kind: {size: slowest(t) for size, t in by_size.items()} for kind, by_size in by_kind.items()}
+               for rate, by_kind in trials.items()}
+    seconds = {rate: {kind: {size: min(t) for size, t in by_size.items()} for kind, by_size in by_kind.items()}
+               for rate, by_kind in samples.items()}
+    return dict(group_size=g, groups=groups_kind, idle=idle, seconds=seconds, samples=samples)
 
 
 def parse_plan(spec):
@@ -381,7 +390,7 @@ def main():
     result.update(rates=rates, repeats=args.repeats)
     if args.collectives:
         sizes = [int(s) for s in args.collectives.split(",")]
-        result["collectives"] = time_collectives(sizes, args.groups, rates, args.repeats)
+        result["collectives"] = time_collectives(sizes, args.groups, rates, args.repeats, args.idle)
     if args.plans:
         mesh = DeviceMesh("cpu", torch.arange(dist.get_world_size()))
         result["plans"] = measure_plans(args, config, mesh, rates)
