@@ -20,7 +20,7 @@ import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -44,12 +44,13 @@ KINDS = {
 }
 WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                  "reduce_scatter": lambda n: (n - 1) / n}
+PHASES = ("forward", "backward", "optimizer")  # the order a training step issues them in
 
 
 @dataclass(frozen=True)
 class Collective:
     module: str  # innermost module running when it was issued ("" for the model itself)
-    phase: str  # "forward" or "backward"
+    phase: str  # one of PHASES
     kind: str  # all_reduce, all_gather, reduce_scatter
     message_bytes: int  # the full tensor reduced or gathered
 
@@ -75,8 +76,11 @@ class _Recorder(CommDebugMode):
         return out
 
 
-def record_collectives(model, idx, targets=None, backward=False, cache=None):
-    """The collectives of model(idx[, targets][, cache]) (and its backward) in issue order."""
+def record_collectives(model, idx, targets=None, backward=False, cache=None, optimizer=None):
+    """
+    The collectives of model(idx[, targets][, cache]) (and its backward, and then
+    `optimizer.step()`, phase "optimizer") in issue order.
+    """
     warnings.filterwarnings("ignore", "Full backward hook is firing")
     recorder = _Recorder()
     lp = loss_parallel() if targets is not None else contextlib.nullcontext()
@@ -87,7 +91,12 @@ def record_collectives(model, idx, targets=None, backward=False, cache=None):
             loss.backward()
     if isinstance(logits, AsyncCollectiveTensor):
         logits.wait()  # the gather was issued; finish it before the process group goes
-    return recorder.collectives
+    if optimizer is None:
+        return recorder.collectives
+    stepping = _Recorder()
+    with stepping:
+        optimizer.step()
+    return recorder.collectives + [replace(c, phase="optimizer") for c in stepping.collectives]
 
 
 def part_of_model(module):
@@ -160,13 +169,16 @@ def _excess(measured, needed):
     return extra
 
 
-def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, **plan_options):
+def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False,
+                optimizer_step=False, **plan_options):
     """
     Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
     process group and return what it communicated, per module and per part of the model,
     next to the plan's minimum. `config` is a GPTConfig or a name from `configs.CONFIGS`.
     With `decode`, the forward measured is one generated token after a `seq`-token prompt
-    held in a KV cache: the collectives per generated token.
+    held in a KV cache: the collectives per generated token. With `optimizer_step` (needs
+    `backward`), an AdamW step (foreach=False, as examples/train.py) follows the backward:
+    a whole training step. The plans' minimum needs no collective there.
     """
     config = config_by_name(config) if isinstance(config, str) else config
     if plan not in PLANS:
@@ -180,6 +192,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError("comm_report runs its own fake process group; call it outside a distributed job")
     if decode and (backward or seq >= config.block_size):
         raise ValueError("decode measures one generated token: no backward, and seq must leave room in block_size")
+    if optimizer_step and not backward:
+        raise ValueError("optimizer_step follows a backward: pass backward=True with it")
     check_divisible(config, tp)
     dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
 
@@ -200,7 +214,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
             if isinstance(logits, AsyncCollectiveTensor):
                 logits.wait()
             idx = idx[:, -1:]
-        collectives = record_collectives(model, idx, idx if backward else None, backward, cache)
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=False) if optimizer_step else None
+        collectives = record_collectives(model, idx, idx if backward else None, backward, cache, optimizer)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the model's own order
     finally:
         dist.destroy_process_group()
@@ -209,7 +224,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     rows = Counter(collectives)
     per_module = [
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
-        for c, n in sorted(rows.items(), key=lambda row: (row[0].phase != "forward", row[0].module == "", order[row[0].module]))
+        for c, n in sorted(rows.items(), key=lambda row: (PHASES.index(row[0].phase), row[0].module == "", order[row[0].module]))
     ]
     needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped)
     measured = {}
@@ -228,6 +243,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
              for part in ("embedding", "blocks", "head", "model")}
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
+        optimizer_step=optimizer_step,
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -243,21 +259,23 @@ def format_report(report):
     c = report["config"]
     lines.append(f"plan {report['plan']}, tp={tp}, n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
                  f"vocab={c['vocab_size']}, batch={report['batch']} seq={report['seq']}"
-                 + (", forward + backward" if report["backward"] else
+                 + (", forward + backward + AdamW step" if report.get("optimizer_step") else
+                    ", forward + backward" if report["backward"] else
                     ", one generated token (KV cache)" if report["decode"] else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
     model = "(model: loss)" if report["backward"] else "(model: last position)"
     for r in report["collectives"]:
-        lines.append(f"{r['module'] or model:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
+        where = r["module"] or ("(optimizer)" if r["phase"] == "optimizer" else model)
+        lines.append(f"{where:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
                      f"{r['message_bytes']:>14,} {r['wire_bytes']:>16,}")
     lines.append(f"wire bytes per token per rank: {report['wire_bytes_per_token']:,.0f} "
                  f"(theoretical minimum {report['minimum_wire_bytes_per_token']:,.0f}); "
                  f"per block {report['block_wire_bytes_per_token']:,.0f}")
     if report["above_minimum"]:
         for part, extra in report["above_minimum"].items():
-            for phase, kind, size in extra:
-                lines.append(f"ABOVE MINIMUM  {part}: {phase} {kind} of {size:,} bytes")
+            for (phase, kind, size), n in Counter(extra).items():
+                lines.append(f"ABOVE MINIMUM  {part}: {phase} {kind} of {size:,} bytes" + (f" (x{n})" if n > 1 else ""))
     else:
         lines.append("every collective is at the plan's minimum")
     return "\n".join(lines)
@@ -334,6 +352,7 @@ def main(argv=None):
     parser.add_argument("--seq", type=integer(1), help="sequence length (default: block_size)")
     parser.add_argument("--backward", action="store_true", help="also run a backward (training step, loss_parallel)")
     parser.add_argument("--decode", action="store_true", help="measure one generated token after a --seq prompt in a KV cache")
+    parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
                                       "theoretical minimum, into this PNG file (default: no chart)")
@@ -349,7 +368,8 @@ def main(argv=None):
         overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
-        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode)
+        common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode,
+                      optimizer_step=args.optimizer_step)
         reports = []
         for plan in dict.fromkeys(args.plan):
             options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}
