@@ -21,7 +21,7 @@ import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -47,12 +47,13 @@ KINDS = {
 TOP_K = 200  # examples/generate.py's and nanoGPT's sample.py's default
 WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                  "reduce_scatter": lambda n: (n - 1) / n}
+PHASES = ("forward", "backward", "optimizer")  # the order a training step issues them in
 
 
 @dataclass(frozen=True)
 class Collective:
     module: str  # innermost module running when it was issued ("" for the model itself)
-    phase: str  # "forward" or "backward"
+    phase: str  # one of PHASES
     kind: str  # all_reduce, all_gather, reduce_scatter
     message_bytes: int  # the full tensor reduced or gathered
 
@@ -78,10 +79,11 @@ class _Recorder(CommDebugMode):
         return out
 
 
-def record_collectives(model, idx, targets=None, backward=False, cache=None, sample=None):
+def record_collectives(model, idx, targets=None, backward=False, cache=None, sample=None, optimizer=None):
     """
     The collectives of model(idx[, targets][, cache]) (and its backward, or `sample` of the
-    last position's logits, as generation picks the next token) in issue order.
+    last position's logits, as generation picks the next token; and then `optimizer.step()`,
+    phase "optimizer") in issue order.
     """
     warnings.filterwarnings("ignore", "Full backward hook is firing")
     recorder = _Recorder()
@@ -95,7 +97,12 @@ def record_collectives(model, idx, targets=None, backward=False, cache=None, sam
             sample(logits[:, -1, :])
     if isinstance(logits, AsyncCollectiveTensor):
         logits.wait()  # the gather was issued; finish it before the process group goes
-    return recorder.collectives
+    if optimizer is None:
+        return recorder.collectives
+    stepping = _Recorder()
+    with stepping:
+        optimizer.step()
+    return recorder.collectives + [replace(c, phase="optimizer") for c in stepping.collectives]
 
 
 def part_of_model(module):
@@ -174,7 +181,7 @@ def _excess(measured, needed):
 
 
 def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, top_k=TOP_K,
-                **plan_options):
+                optimizer_step=False, **plan_options):
     """
     Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
     process group and return what it communicated, per module and per part of the model,
@@ -182,7 +189,9 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     With `decode`, the forward measured is one generated token after a `seq`-token prompt
     held in a KV cache, and the choice of the next token from its logits by vocabulary-parallel
     sampling among the `top_k` best (None: the full softmax), as examples/generate.py does:
-    the collectives per generated token.
+    the collectives per generated token. With `optimizer_step` (needs `backward`), an AdamW
+    step (foreach=False, as examples/train.py) follows the backward: a whole training step.
+    The plans' minimum needs no collective there.
     """
     config = config_by_name(config) if isinstance(config, str) else config
     if plan not in PLANS:
@@ -198,6 +207,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError(f"top_k={top_k!r} must be a positive integer, or None for the full softmax")
     if decode and (backward or seq >= config.block_size):
         raise ValueError("decode measures one generated token: no backward, and seq must leave room in block_size")
+    if optimizer_step and not backward:
+        raise ValueError("optimizer_step follows a backward: pass backward=True with it")
     check_divisible(config, tp)
     dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
 
@@ -219,7 +230,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
                 logits.wait()
             idx = idx[:, -1:]
         sample = functools.partial(VocabParallelSampler(seed=0), top_k=top_k) if decode else None
-        collectives = record_collectives(model, idx, idx if backward else None, backward, cache, sample)
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=False) if optimizer_step else None
+        collectives = record_collectives(model, idx, idx if backward else None, backward, cache, sample, optimizer)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the model's own order
     finally:
         dist.destroy_process_group()
@@ -228,7 +240,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     rows = Counter(collectives)
     per_module = [
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
-        for c, n in sorted(rows.items(), key=lambda row: (row[0].phase != "forward", row[0].module == "", order[row[0].module]))
+        for c, n in sorted(rows.items(), key=lambda row: (PHASES.index(row[0].phase), row[0].module == "", order[row[0].module]))
     ]
     needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, decode)
     measured = {}
@@ -247,7 +259,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
              for part in ("embedding", "blocks", "head", "model")}
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
-        top_k=top_k if decode else None,
+        top_k=top_k if decode else None, optimizer_step=optimizer_step,
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -263,21 +275,23 @@ def format_report(report):
     c = report["config"]
     lines.append(f"plan {report['plan']}, tp={tp}, n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
                  f"vocab={c['vocab_size']}, batch={report['batch']} seq={report['seq']}"
-                 + (", forward + backward" if report["backward"] else
+                 + (", forward + backward + AdamW step" if report.get("optimizer_step") else
+                    ", forward + backward" if report["backward"] else
                     f", one generated token (KV cache, {sampled(report)})" if report["decode"] else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
     model = "(model: loss)" if report["backward"] else "(model: sampling)" if report["decode"] else "(model: last position)"
     for r in report["collectives"]:
-        lines.append(f"{r['module'] or model:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
+        where = r["module"] or ("(optimizer)" if r["phase"] == "optimizer" else model)
+        lines.append(f"{where:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
                      f"{r['message_bytes']:>14,} {r['wire_bytes']:>16,}")
     lines.append(f"wire bytes per token per rank: {report['wire_bytes_per_token']:,.0f} "
                  f"(theoretical minimum {report['minimum_wire_bytes_per_token']:,.0f}); "
                  f"per block {report['block_wire_bytes_per_token']:,.0f}")
     if report["above_minimum"]:
         for part, extra in report["above_minimum"].items():
-            for phase, kind, size in extra:
-                lines.append(f"ABOVE MINIMUM  {part}: {phase} {kind} of {size:,} bytes")
+            for (phase, kind, size), n in Counter(extra).items():
+                lines.append(f"ABOVE MINIMUM  {part}: {phase} {kind} of {size:,} bytes" + (f" (x{n})" if n > 1 else ""))
     else:
         lines.append("every collective is at the plan's minimum")
     return "\n".join(lines)
@@ -364,6 +378,7 @@ def main(argv=None):
     parser.add_argument("--top-k", type=integer(0), default=TOP_K,
                         help="with --decode: the candidates sampling keeps, 0 for the full softmax (default: %(default)s, "
                              "as examples/generate.py)")
+    parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
                                       "theoretical minimum, into this PNG file (default: no chart)")
@@ -380,7 +395,7 @@ def main(argv=None):
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
         common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode,
-                      top_k=args.top_k or None)
+                      top_k=args.top_k or None, optimizer_step=args.optimizer_step)
         reports = []
         for plan in dict.fromkeys(args.plan):
             options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}

@@ -103,3 +103,21 @@ def test_decode_measures_one_generated_token():
     assert wide["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 24 * 6)), "k above a rank's 24 ids"
     with pytest.raises(ValueError, match="decode measures one generated token"):
         comm_report("megatron", tp=2, config=small_config(), decode=True, backward=True, seq=8)
+
+
+def test_optimizer_step_collectives():
+    """
+    megatron's and spd's AdamW steps communicate nothing; megatron-sp leaves the gradients of
+    its replicated LayerNorm weights and biases Partial after backward, and the step's for-loop
+    AdamW reduces each one every time it reads it: 3 all-reduces of C floats per parameter.
+    """
+    config = small_config(n_layer=2)
+    for plan in ("megatron", "spd"):
+        r = comm_report(plan, tp=2, config=config, batch=1, seq=8, backward=True, optimizer_step=True)
+        assert [c for c in r["collectives"] if c["phase"] == "optimizer"] == []
+    r = comm_report("megatron-sp", tp=2, config=config, batch=1, seq=8, backward=True, optimizer_step=True)
+    stepped = [(c["kind"], c["message_bytes"], c["count"]) for c in r["collectives"] if c["phase"] == "optimizer"]
+    layer_norm_parameters = 2 * 2 * config.n_layer + 2  # ln_1, ln_2 of every block, ln_f: weight and bias
+    assert stepped == [("all_reduce", 96 * 4, 3 * layer_norm_parameters)]
+    with pytest.raises(ValueError, match="optimizer_step follows a backward"):
+        comm_report("megatron", tp=2, config=config, seq=8, optimizer_step=True)

@@ -1,0 +1,383 @@
+"""
+Tables, figure and on-paper estimates from what `python benchmarks/comm_cost.py measure` and
+`placement` saved: `python benchmarks/comm_cost.py report [--png docs/comm_cost.png]`.
+Prints markdown. The collectives of each cell come from dtensor_gpt.comm (cached beside the
+results in collectives.json); the jobs' own logs of what they issued are checked against them.
+"""
+
+import glob
+import json
+import math
+import os
+from collections import Counter
+
+from comm_cost import MEASURES, PLACEMENT, PLANS, comm_seconds, fit_link, measure_options, plan_collectives, predict
+
+from dtensor_gpt.configs import config_by_name
+
+
+def load_results(directory):
+    results = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        if os.path.basename(path) != "collectives.json":
+            with open(path) as f:
+                r = json.load(f)
+            results[r["name"]] = r
+    return results
+
+
+def link_fit(result, rate):
+    """The cost model's link at `rate`, fitted to the microbenchmark of the job that measured `result`."""
+    c = result["collectives"]
+    return fit_link({k: {int(s): t for s, t in v.items()} for k, v in c["seconds"][rate].items()}, c["group_size"])
+
+
+class CollectiveCounts:
+    """plan_collectives, remembered in a JSON file (each takes seconds to minutes of CPU)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.known = json.load(open(path)) if os.path.exists(path) else {}
+
+    def __call__(self, spec, tp, config_name, overrides=None, **options):
+        key = json.dumps([spec, tp, config_name, overrides or {}, options], sort_keys=True)
+        if key not in self.known:
+            config = config_by_name(config_name, **(overrides or {}))
+            counts = plan_collectives(spec, tp, config, **options)
+            self.known[key] = sorted([k, b, n] for (k, b), n in counts.items())
+            with open(self.path, "w") as f:
+                json.dump(self.known, f, indent=0)
+        return Counter({(k, b): n for k, b, n in self.known[key]})
+
+
+def fmt_time(seconds):
+    return f"{seconds:.2f} s" if seconds >= 10 else f"{seconds * 1000:.0f} ms" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
+
+
+def fmt_rate(label):
+    from cluster import parse_rate
+
+    bits = parse_rate(label)
+    if bits is None:
+        return "unlimited"
+    return f"{bits / 1e9:g} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:g} Mbit/s"
+
+
+def fastest_first(rates):
+    from cluster import parse_rate
+
+    return sorted(rates, key=lambda r: -math.inf if parse_rate(r) is None else -parse_rate(r))
+
+
+# --------------------------------------------------------------------- measured vs predicted
+
+def cells(results, counts):
+    """
+    Every measured cell with its prediction: dicts tp, plan, measure, rate, measured (the fastest repeat),
+    samples (each repeat's), load1 (the 1-minute load at each), predicted.
+    """
+    out = []
+    for tp in (2, 4):
+        r = results.get(f"tp{tp}")
+        if r is None:
+            continue
+        unlimited_link = link_fit(r, "unlimited")
+        for rate in fastest_first(r["rates"]):
+            link = link_fit(r, rate)
+            for row in r["plans"]:
+                for measure in MEASURES:
+                    c = counts(row["plan"], tp, r["config"],
+                               **measure_options(measure, r["context"] if measure != "train" else r["train_seq"], r["train_batch"]))
+                    logged = Counter({(k, b): n for k, b, n in row[f"{measure}_collectives"]})
+                    out.append(dict(tp=tp, plan=row["plan"], measure=measure, rate=rate, measured=row[measure][rate],
+                                    samples=row[f"{measure}_samples"][rate], load1=row[f"{measure}_load1"][rate],
+                                    config=r["config"], predicted=predict(row[measure]["unlimited"], c, tp, link, unlimited_link),
+                                    comm=comm_seconds(c, tp, link), logged_matches=logged == c))
+    return out
+
+
+def spread(cell):
+    """(slowest - fastest) / fastest of a cell's repeats: how much the shared machine moved it."""
+    return (max(cell["samples"]) - min(cell["samples"])) / cell["measured"]
+
+
+def error(cell):
+    return cell["predicted"] / cell["measured"] - 1
+
+
+def measured_table(all_cells, tp):
+    rates = fastest_first({c["rate"] for c in all_cells if c["tp"] == tp})
+    lines = [f"| TP={tp} plan | measure | " + " | ".join(fmt_rate(r) for r in rates) + " |",
+             "|---|---|" + "---|" * len(rates)]
+    for plan in PLANS:
+        for measure in MEASURES:
+            row = {c["rate"]: c for c in all_cells if c["tp"] == tp and c["plan"] == plan and c["measure"] == measure}
+            if not row:
+                continue
+            texts = []
+            for r in rates:
+                c = row[r]
+                texts.append(fmt_time(c["measured"]) if r == "unlimited" else
+                             f"{fmt_time(c['measured'])} ({fmt_time(c['predicted'])}, {error(c):+.0%})")
+            name = {"decode": "decode, per token", "prefill": "prefill, 512 tokens", "train": "training step, 512 tokens"}[measure]
+            lines.append(f"| {plan} | {name} | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+def links_table(results):
+    lines = ["| job | link rate | all-reduce: alpha, beta | all-gather: alpha, beta | reduce-scatter: alpha, beta |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "collectives" not in r:
+            continue
+        for rate in fastest_first(r["rates"]):
+            fit = link_fit(r, rate)
+            cols = []
+            for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+                alpha, beta = fit[kind]
+                cols.append(f"{alpha * 1e6:.0f} us, " + ("inf" if math.isinf(beta) else f"{beta * 8 / 1e6:,.0f} Mbit/s"))
+            lines.append(f"| {name} | {fmt_rate(rate)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def jobs_table(results):
+    """What each job took, and the machine's load while it ran (its own processes included)."""
+    lines = ["| job | repeats | wall time | 1-min load: at start / mean / max | others' runnable threads, mean |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        load = r["load"]
+        lines.append(f"| {name} | {r['repeats']} | {r['seconds'] / 60:.1f} min | {load['load1_at_start']} / {load['load1_mean']} / "
+                     f"{load['load1_max']:.2f} | {load['other_runnable_mean']} |")
+    return "\n".join(lines)
+
+
+def savings_table(all_cells):
+    """Time of each plan against megatron's, per TP, rate and measure."""
+    lines = ["| TP | link | measure | megatron | megatron-sp | spd last:6 | spd all |", "|---|---|---|---|---|---|---|"]
+    index = {(c["tp"], c["rate"], c["measure"], c["plan"]): c["measured"] for c in all_cells}
+    for tp in (2, 4):
+        for rate in fastest_first({c["rate"] for c in all_cells}):
+            for measure in MEASURES:
+                m = index.get((tp, rate, measure, "megatron"))
+                if m is None:
+                    continue
+                others = [index.get((tp, rate, measure, p)) for p in ("megatron-sp", "spd:last:6", "spd:all")]
+                texts = [f"{fmt_time(t)} ({t / m - 1:+.0%})" if t else "" for t in others]
+                lines.append(f"| {tp} | {fmt_rate(rate)} | {measure} | {fmt_time(m)} | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+def plot(all_cells, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cluster import parse_rate
+
+    rates = fastest_first({c["rate"] for c in all_cells})
+    x_of = {r: parse_rate(r) or 4 * max(parse_rate(q) or 0 for q in rates) for r in rates}
+    colors = {"megatron": "#4c72b0", "megatron-sp": "#55a868", "spd:last:6": "#c44e52", "spd:all": "#8172b2"}
+    tps = sorted({c["tp"] for c in all_cells})
+    fig, axes = plt.subplots(len(tps), 3, figsize=(13, 3.6 * len(tps)), squeeze=False)
+    for i, tp in enumerate(tps):
+        for j, measure in enumerate(MEASURES):
+            ax = axes[i][j]
+            for plan in PLANS:
+                pts = sorted((x_of[c["rate"]], c["measured"], c["predicted"]) for c in all_cells
+                             if c["tp"] == tp and c["plan"] == plan and c["measure"] == measure)
+                if not pts:
+                    continue
+                scale = 1 if measure == "train" else 1000
+                xs = [p[0] for p in pts]
+                ax.plot(xs, [p[1] * scale for p in pts], "o-", color=colors[plan], label=f"{plan} measured")
+                ax.plot(xs, [p[2] * scale for p in pts], "--", color=colors[plan], alpha=0.7, label=f"{plan} model")
+            ax.set_xscale("log")
+            ax.set_xticks([x_of[r] for r in rates], [fmt_rate(r).replace("unlimited", "unlim.") for r in rates], fontsize=8)
+            ax.minorticks_off()
+            ax.invert_xaxis()
+            ax.set_ylabel("s" if measure == "train" else "ms")
+            title = {"decode": "decode, per token", "prefill": "prefill, 512 tokens", "train": "training step, 512 tokens"}
+            config = next(c["config"] for c in all_cells)
+            ax.set_title(f"{'GPT-2 124M' if config == 'gpt2' else config}, TP={tp}: {title[measure]}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("time against link rate (solid: measured on emulated nodes; dashed: cost model)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -------------------------------------------------------------------------------- placement
+
+def placement_table(results):
+    """Training step with TP inside the nodes (FSDP2 across) or TP across: measured, predicted, ratio."""
+    lines = ["| model, tokens per dp rank | link between the nodes | TP inside nodes, FSDP2 across (a) | "
+             "TP across nodes (b) | (b) / (a) measured | (b) / (a) model | over the link per step per node, (a) / (b) |",
+             "|---|---|---|---|---|---|---|"]
+    for workload in PLACEMENT:
+        r = results.get(f"placement-{workload['name']}")
+        if r is None:
+            continue
+        p, per_node = r["placement"], r["world_size"] // r["nodes"]
+        base_link = link_fit(r, "unlimited")
+        crossing_counts = {}
+        for where in ("tp-inside", "tp-across"):
+            counts = Counter()
+            for kind, size, ranks in p[where]["collectives"][0]:  # rank 0's: every rank's have the same shape
+                if len({rank // per_node for rank in ranks}) > 1:
+                    counts[(kind, size)] += 1
+            crossing_counts[where] = counts
+        for rate in fastest_first(r["rates"]):
+            link = link_fit(r, rate)
+            measured, predicted, crossing = {}, {}, {}
+            for where, counts in crossing_counts.items():
+                measured[where] = p[where]["train"][rate]
+                predicted[where] = predict(p[where]["train"]["unlimited"], counts, 2, link, base_link)
+                # 2-rank groups: an all-reduce sends its whole message, the others half; every rank of a node uses its link
+                crossing[where] = per_node * sum(n * size * (1 if k == "all_reduce" else 0.5) for (k, size), n in counts.items())
+            a, b = measured["tp-inside"], measured["tp-across"]
+            label = f"{workload['label']}, {p['train_batch_per_dp_rank']} x {p['train_seq']}"
+            lines.append(f"| {label} | {fmt_rate(rate)} | {fmt_time(a)} (model {fmt_time(predicted['tp-inside'])}) | "
+                         f"{fmt_time(b)} (model {fmt_time(predicted['tp-across'])}) | {b / a:.2f} | "
+                         f"{predicted['tp-across'] / predicted['tp-inside']:.2f} | "
+                         f"{crossing['tp-inside'] / 1e6:,.1f} MB / {crossing['tp-across'] / 1e6:,.1f} MB |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+# ----------------------------------------------------------------------------- on paper
+
+# per direction; alpha from NCCL's own tuning model (ring, LL protocol): 6.6 us + steps x hop
+LINKS = [
+    ("NVLink 4", 450e9, 0.6e-6, "H100 SXM: 900 GB/s total over both directions (NVIDIA H100 datasheet), 450 GB/s each way"),
+    ("PCIe 4.0 x16", 31.5e9, 1.0e-6, "16 GT/s per lane, 128b/130b encoding (PCI-SIG PCIe 4.0): 31.5 GB/s each way"),
+    ("InfiniBand NDR 400 Gb/s", 50e9, 2.7e-6, "400 Gb/s per port (NVIDIA ConnectX-7 / Quantum-2, IBTA NDR): 50 GB/s each way"),
+    ("100 GbE", 12.5e9, 2.7e-6, "IEEE 802.3ba-2010: 12.5 GB/s each way"),
+    ("10 GbE", 1.25e9, 2.7e-6, "IEEE 802.3ae-2002: 1.25 GB/s each way"),
+]
+NCCL_BASE_LATENCY = 6.6e-6  # NVIDIA/nccl src/graph/tuning.cc: baseLat, Ring/LL; hwLat Ring/LL 0.6 (NVLink), 1.0 (PCI), 2.7 us (NET)
+H100_BF16_FLOPS = 989e12  # dense BF16 tensor-core peak, H100 SXM (NVIDIA H100 datasheet)
+H100_HBM_BYTES = 3.35e12  # HBM3 bandwidth, H100 SXM (same datasheet)
+MFU = 0.4  # assumed fraction of peak FLOPs a training step reaches
+DECODE_BANDWIDTH_FRACTION = 0.7  # assumed fraction of HBM bandwidth a decoding step reaches
+# head counts that TP 8 divides (16 of 48, 32 of 50): neither the bytes nor the FLOPs depend on them
+PAPER_MODELS = [("GPT-2 124M", "gpt2", dict(n_head=16)),
+                ("GPT-2-XL size 1.5B", "gpt2-xl", dict(n_head=32))]
+PAPER_PLANS = ["megatron", "megatron-sp", "spd:half", "spd:all"]
+TRAIN_TOKENS = 1024  # one 1024-token sequence per step; communication and computation both grow with tokens
+DECODE_CONTEXT = 512
+
+
+def paper_link(hop):
+    """The cost model's alpha for a link class (NCCL ring/LL steps), at N ranks."""
+
+    def alpha(kind, n):
+        steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
+        return NCCL_BASE_LATENCY + steps * hop
+
+    return alpha
+
+
+def paper_comm(counts, n, bandwidth, hop, bytes_scale=0.5):
+    """Seconds of `counts` (fp32 message bytes, scaled to bf16) over a real link: alpha + wire / bandwidth."""
+    alpha = paper_link(hop)
+    links = {k: (alpha(k, n), bandwidth) for k in ("all_reduce", "all_gather", "reduce_scatter")}
+    return comm_seconds(Counter({(k, b * bytes_scale): c for (k, b), c in counts.items()}), n, links)
+
+
+def compute_seconds(config, workload):
+    """One GPU (H100 SXM, bf16): a training step's FLOPs at MFU, or a decoded token's bytes at the HBM fraction."""
+    params = 12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd + config.block_size * config.n_embd
+    if workload == "train":  # Kaplan et al. 2020: 6N + 6 n_layer n_ctx d per token
+        flops = TRAIN_TOKENS * (6 * params + 6 * config.n_layer * TRAIN_TOKENS * config.n_embd)
+        return flops / (H100_BF16_FLOPS * MFU)
+    kv = 2 * config.n_layer * DECODE_CONTEXT * config.n_embd * 2
+    return (params * 2 + kv) / (H100_HBM_BYTES * DECODE_BANDWIDTH_FRACTION)
+
+
+def paper_tables(counts):
+    head = "| model | workload | TP | " + " | ".join(name for name, *_ in LINKS) + " |"
+    rule = "|---|---|---|" + "---|" * len(LINKS)
+    t1, t2 = [head, rule], [head, rule]
+    for label, name, overrides in PAPER_MODELS:
+        config = config_by_name(name, **overrides)
+        for workload in ("decode", "train"):
+            one_gpu = compute_seconds(config, workload)
+            options = measure_options(workload, DECODE_CONTEXT if workload == "decode" else TRAIN_TOKENS, 1)
+            wname = "decode, per token" if workload == "decode" else f"training step, {TRAIN_TOKENS} tokens"
+            for tp in (2, 4, 8):
+                row1, row2 = [], []
+                per_plan = {}
+                for plan in PAPER_PLANS:
+                    spec = f"spd:last:{config.n_layer // 2}" if plan == "spd:half" else plan
+                    per_plan[plan] = counts(spec, tp, name, overrides, **options)
+                for _, bandwidth, hop, _ in LINKS:
+                    times = {p: one_gpu / tp + paper_comm(c, tp, bandwidth, hop) for p, c in per_plan.items()}
+                    m = times["megatron"]
+                    row1.append(f"{fmt_us(m)} ({one_gpu / m:.2f}x)")
+                    row2.append(" / ".join(f"{one_gpu / times[p]:.2f}" for p in PAPER_PLANS))
+                t1.append(f"| {label} | {wname} (1 GPU: {fmt_us(one_gpu)}) | {tp} | " + " | ".join(row1) + " |")
+                t2.append(f"| {label} | {wname} | {tp} | " + " | ".join(row2) + " |")
+    return "\n".join(t1), "\n".join(t2)
+
+
+def fmt_us(seconds):
+    return f"{seconds * 1e6:.0f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
+def report(args):
+    results = load_results(args.results)
+    counts = CollectiveCounts(os.path.join(args.results, "collectives.json"))
+    all_cells = cells(results, counts)
+    if results:
+        print("## The jobs, and the shared machine's load while they ran\n")
+        print(jobs_table(results), "\n")
+    if all_cells:
+        print("## Links fitted from the microbenchmark (alpha: latency per collective; beta: wire bytes per second)\n")
+        print(links_table(results), "\n")
+        for tp in sorted({c["tp"] for c in all_cells}):
+            print(f"## TP={tp}: measured (model, error)\n")
+            print(measured_table(all_cells, tp), "\n")
+        unlimited = {(c["tp"], c["plan"], c["measure"]): c for c in all_cells if c["rate"] == "unlimited"}
+        errors = [abs(error(c)) for c in all_cells if c["rate"] != "unlimited"]
+        outside = [c for c in all_cells if c["rate"] != "unlimited" and abs(error(c)) > 0.2]
+        print(f"cost model: {len(errors)} predicted cells, median |error| {sorted(errors)[len(errors) // 2]:.1%}, "
+              f"max {max(errors):.1%}, {len(errors) - len(outside)} within ±20%")
+        spreads = sorted(spread(c) for c in all_cells)
+        print(f"noise: a cell's repeats spread (slowest - fastest) / fastest {spreads[len(spreads) // 2]:.0%} in the median cell, "
+              f"{spreads[-1]:.0%} at most")
+        within = [c for c in outside if min(c["samples"]) <= c["predicted"] <= max(c["samples"])]
+        print(f"of the {len(outside)} outside, {len(within)} predict a time inside the range of the cell's own repeats "
+              f"(the shared machine's noise is larger than the error)")
+        for c in outside:
+            base = unlimited[c["tp"], c["plan"], c["measure"]]
+            print(f"  outside ±20%: TP={c['tp']} {c['plan']} {c['measure']} at {fmt_rate(c['rate'])}: measured "
+                  f"{fmt_time(c['measured'])} (repeats {fmt_time(min(c['samples']))} to {fmt_time(max(c['samples']))}; "
+                  f"unlimited {fmt_time(base['measured'])}, repeats {fmt_time(min(base['samples']))} to "
+                  f"{fmt_time(max(base['samples']))}), model {fmt_time(c['predicted'])} ({error(c):+.0%}), of which "
+                  f"communication {fmt_time(c['comm'])}" + ("; inside the repeats' range" if c in within else ""))
+        mismatched = [c for c in all_cells if not c["logged_matches"]]
+        print(f"collectives the jobs issued = dtensor_gpt.comm's count in {len(all_cells) - len(mismatched)} of "
+              f"{len(all_cells)} cells", *[f"{c['tp']} {c['plan']} {c['measure']}" for c in mismatched], "\n")
+        print("## Each plan against megatron (measured)\n")
+        print(savings_table(all_cells), "\n")
+        if args.png:
+            plot(all_cells, args.png)
+            print(f"wrote {args.png}\n")
+    table = placement_table(results)
+    if table:
+        print("## Placement: dp=2 x tp=2 on 2 nodes of 2 ranks, training step\n")
+        print(table, "\n")
+    t1, t2 = paper_tables(counts)
+    print("## On paper: the links\n")
+    print("| link | bandwidth each way | alpha per ring step (NCCL, ring/LL) | source |\n|---|---|---|---|")
+    for name, bandwidth, hop, source in LINKS:
+        print(f"| {name} | {bandwidth / 1e9:g} GB/s | {NCCL_BASE_LATENCY * 1e6:g} us + {hop * 1e6:g} us per step | {source} |")
+    print(f"\ncompute on one H100 SXM: a training step at {MFU:.0%} of {H100_BF16_FLOPS / 1e12:g} TFLOP/s (bf16), a decoded token "
+          f"reading the weights and KV cache at {DECODE_BANDWIDTH_FRACTION:.0%} of {H100_HBM_BYTES / 1e12:g} TB/s; divided by TP; "
+          "messages in bf16 (half the fp32 bytes counted)\n")
+    print("## On paper: real links (megatron: time per step and speed-up over one GPU)\n")
+    print(t1, "\n")
+    print("## On paper: speed-up over one GPU, megatron / megatron-sp / spd half the blocks / spd all blocks\n")
+    print(t2)
+    return 0

@@ -1,0 +1,52 @@
+"""The cost model of benchmarks/comm_cost.py: its fit, its prediction, and its collectives against dtensor_gpt.comm."""
+
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from comm_cost import fit_link, measure_options, plan_collectives, predict  # noqa: E402
+from dtensor_gpt.comm import comm_report  # noqa: E402
+from helpers import small_config  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_fit_recovers_latency_and_bandwidth(n):
+    alpha, beta = 1e-3, 12.5e6  # 1 ms, 100 Mbit/s
+    ring = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n}
+    sizes = [2048, 32768, 524288, 2097152]
+    seconds = {kind: {s: alpha + s * f / beta for s in sizes} for kind, f in ring.items()}
+    for kind, (a, b) in fit_link(seconds, n).items():
+        assert a == pytest.approx(alpha, rel=1e-9) and b == pytest.approx(beta, rel=1e-9)
+    flat = fit_link({"all_reduce": {s: 2e-4 for s in sizes}}, n)["all_reduce"]
+    assert flat[0] == pytest.approx(2e-4) and math.isinf(flat[1])
+
+
+def test_prediction_swaps_the_unlimited_links_communication_for_the_capped_ones():
+    unlimited = {k: (1e-4, math.inf) for k in ("all_reduce", "all_gather", "reduce_scatter")}
+    capped = {k: (1e-3, 1e6) for k in ("all_reduce", "all_gather", "reduce_scatter")}
+    counts = Counter({("all_reduce", 1_000_000): 2, ("all_gather", 400_000): 1})
+    # at n=2 an all-reduce sends its message once, an all-gather half of it
+    by_hand = 1.0 - (3 * 1e-4) + 2 * (1e-3 + 1_000_000 / 1e6) + (1e-3 + 200_000 / 1e6)
+    assert predict(1.0, counts, 2, capped, unlimited) == pytest.approx(by_hand)
+
+
+def _direct(spec, tp, config, **options):
+    plan, _, blocks = spec.partition(":")
+    r = comm_report(plan, tp, config, **options, **({"spd_blocks": blocks} if blocks else {}))
+    counts = Counter()
+    for c in r["collectives"]:
+        counts[(c["kind"], c["message_bytes"])] += c["count"]
+    return counts
+
+
+@pytest.mark.parametrize("spec, n_layer, measure", [
+    ("megatron", 3, "decode"), ("megatron-sp", 3, "train"), ("spd:last:2", 4, "train"), ("spd:all", 3, "prefill")])
+def test_collectives_from_one_and_two_blocks_equal_the_whole_models(spec, n_layer, measure):
+    config = small_config(n_layer=n_layer)
+    options = measure_options(measure, 8, batch=2)
+    assert plan_collectives(spec, 2, config, **options) == _direct(spec, 2, config, **options)
