@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from distributed import run_distributed
 from dtensor_gpt import GPT, GPTConfig, compile_decoding, load_checkpoint, parallelize
-from test_generate import PROMPT, SHIPPED
+from test_generate import PROMPT, SHIPPED, run_generate
 
 
 def _eager_and_compiled(rank, world_size, backend, texts):
@@ -65,3 +65,14 @@ def test_compiled_sampling_past_block_size_equals_eager():
     compile_decoding(model, backend="aot_eager")
     compiled = model.generate(prompt, 30, top_k=5, generator=torch.Generator().manual_seed(3))
     assert compiled.shape == (2, 35) and torch.equal(compiled, eager)
+
+
+def test_generate_py_compiles_in_bf16():
+    """The summary gives the first decoding step (the compilation) apart from the tokens/s after it."""
+    r = run_generate(1, "--compile", "--dtype", "bf16", "--max-new-tokens", "12", "--prompt", "ROMEO:")
+    assert r.returncode == 0, r.stderr[-2000:]
+    text, summary = r.stdout.rsplit("\n--- ", 1)
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 12
+    assert summary.startswith("12 tokens in ") and "s: compiling the decoding step " in summary
+    assert "s (its first step), then " in summary
+    assert "tokens/s; tp=1, plan megatron, bf16, KV cache; collectives per generated token: none" in summary
