@@ -123,7 +123,7 @@ def _bench(rank, world, context, new, repeats):
 
     def decode_plugin(tokens=None):
         """Greedy tokens after the prompt; the prompt's own forward (prefill) is not timed."""
-        cache = KVCache(len(plugin.transformer.h), plugin.config.block_size)
+        cache = KVCache(len(plugin.transformer.h), context + new)  # as generate sizes it: the positions it will hold
         tokens = [] if tokens is None else tokens
         with torch.no_grad():
             idx = plugin(prompt, cache=cache)[0][:, -1:].argmax(-1)

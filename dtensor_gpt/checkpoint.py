@@ -24,7 +24,7 @@ from dtensor_gpt.apply_tp import tied_parameters
 from dtensor_gpt.format import FORMAT, CheckpointError, index_sha256, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.parallelize import plan_name
 from dtensor_gpt.publish import clean_stale_temporaries, no_room, out_of_room, publish, temporary_beside
-from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
+from dtensor_gpt.safetensors_stream import DTYPE_NAMES, DTYPES, TORCH_DTYPES, StreamingWriter
 from dtensor_gpt.sources import non_finite, open_source, refuse_non_finite
 
 
@@ -221,17 +221,23 @@ def _non_finite_everywhere(counts, replicated, params):
     return {n: tuple(row) for n, row in zip(names, table.tolist())}
 
 
-def load_checkpoint(model, path, verify=False, optimizer=None):
+def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     """
     Load a checkpoint of any TP degree (or a Hugging Face GPT-2 directory, or a nanoGPT
     ckpt.pt) into `model`, parallelized at any TP degree or not, and with `optimizer` its
-    saved optimizer state. Everything is checked before a parameter changes: the index
+    saved optimizer state. `dtype` ("fp32", "bf16" or "fp16") casts the model's floating
+    parameters and the values read into them; without it the checkpoint's dtypes must be the
+    model's. Everything is checked before a parameter changes: the index
     against the hash its files carry, always (`verify` also hashes every file, which makes
     each rank read every byte), and every value this rank reads for NaN and infinity, which
     are refused naming the tensor on every rank alike. Returns
     {"bytes_read": bytes this rank read (about 1/TP of the sharded tensors plus the
     replicated ones), "extra": the saved JSON values, "extra_tensors": the saved tensors}.
     """
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not a dtype to load into; give one of {', '.join(DTYPE_NAMES)}")
+    if dtype is not None and optimizer is not None:
+        raise ValueError(f"dtype={dtype!r} casts a model for inference; load an optimizer's state without it")
     ckpt = open_source(path, verify)
     params, tied = unique_parameters(_resharded(model))
     for field in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
@@ -260,10 +266,10 @@ def load_checkpoint(model, path, verify=False, optimizer=None):
             states[pname] = keys
     for name, p in params.items():
         entry = ckpt.tensors[name]
-        if TORCH_DTYPES[entry["dtype"]] != p.dtype:
+        if dtype is None and TORCH_DTYPES[entry["dtype"]] != p.dtype:
             raise CheckpointError(
                 f"{path}: tensor {name} is {entry['dtype']} in the checkpoint but {p.dtype} in the model; "
-                f"convert it with python -m dtensor_gpt.reshard --dtype, or cast the model"
+                f"convert it with python -m dtensor_gpt.reshard --dtype, or cast it on load with dtype="
             )
         shape, want = list(p.shape), list(entry["shape"])
         if shape != want:
@@ -283,6 +289,8 @@ def load_checkpoint(model, path, verify=False, optimizer=None):
                     replicated.add(tname)
                 staged[tname] = (target, _dp_chunk(values, target))
         refuse_non_finite(path, _non_finite_everywhere(counts, replicated, params))
+        if dtype is not None:
+            model.to(DTYPE_NAMES[dtype])  # in place: every parameter, tied or sharded, stays the same object
         for target, values in staged.values():
             (target.to_local() if isinstance(target, DTensor) else target).copy_(values)
     for name, p in params.items():

@@ -7,8 +7,9 @@ AOTAutograd's fake tensors then mix ("Mixing fake modes NYI", torch 2.13). The b
 nearly every operation of a step (the embedding, the final LayerNorm and the head are a few
 DTensor calls), and every block runs the same code, so one graph serves them all. With the
 static KV cache a step has fixed shapes: the graph compiles once per batch size and cache
-length. Forwards of more than one token (a prompt, a window recomputed past block_size) run
-eagerly rather than compiling a graph for each length.
+length. Every other forward (a prompt, even of one token, which allocates the cache; a window
+recomputed past block_size; a forward without a cache) runs eagerly rather than compiling a
+graph for each length.
 """
 
 import torch
@@ -26,7 +27,8 @@ def compile_decoding(model, backend="inductor"):
 
     def enter(module, args, kwargs):
         idx = args[0] if args else kwargs["idx"]
-        if idx.size(1) > 1:
+        cache = args[2] if len(args) > 2 else kwargs.get("cache")
+        if idx.size(1) > 1 or not cache:  # a prompt (even of one token), a window, or no cache
             stances.append(torch.compiler.set_stance("force_eager"))
 
     def leave(module, args, kwargs, output):

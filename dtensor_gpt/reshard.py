@@ -40,11 +40,8 @@ from dtensor_gpt.publish import (
     temporary_beside,
     write_file,
 )
-from dtensor_gpt.safetensors_stream import DTYPES, TORCH_DTYPES, StreamingWriter
+from dtensor_gpt.safetensors_stream import DTYPE_NAMES, DTYPES, TORCH_DTYPES, StreamingWriter
 from dtensor_gpt.sources import CHARACTERS, CONV1D, activation_note, gpt_names, non_finite, open_source, refuse_non_finite
-
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class Progress:
     """A one-line progress bar on a terminal; silent otherwise."""

@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
-from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
+from dtensor_gpt import GPT, GPTConfig, compile_decoding, load_checkpoint, parallelize
 from dtensor_gpt.checkpoint import CheckpointError
 from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
+from dtensor_gpt.safetensors_stream import DTYPE_NAMES
 from plans import PLANS
 from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
@@ -59,10 +60,17 @@ def parse_args(argv=None):
                                        "meta.pkl of a nanoGPT character checkpoint (default: the characters saved "
                                        "with the checkpoint, or tiktoken's gpt2 encoding)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decoding step (dtensor_gpt.compile_decoding); its first step "
+                        "compiles, and the summary gives that time apart from the tokens/s after it")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
+                   help="the weights' dtype: the checkpoint is cast on loading")
     p.add_argument("--timeout", type=number(above=0), default=120,
                    help="seconds any collective may wait for a peer before the job ends naming the ranks that "
                         "stopped answering")
     args = p.parse_args(argv)
+    if args.compile and args.no_cache:
+        p.error("--compile compiles the KV-cache decoding step, so it cannot be combined with --no-cache")
     if not os.path.exists(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint} does not exist")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
@@ -87,7 +95,9 @@ def load_model(args, mesh):
             sys.stdout = stdout
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **options)
-    load_checkpoint(model, args.checkpoint)
+    load_checkpoint(model, args.checkpoint, dtype=args.dtype)
+    if args.compile:
+        compile_decoding(model)
     return model.eval(), tokenizer
 
 
@@ -119,7 +129,8 @@ def collectives_per_token(model, prompt, args):
     """The collectives of one decoding step (after a prompt) and the choice of its token, counted by CommDebugMode."""
     cache = KVCache(len(model.transformer.h), model.config.block_size)
     sample = sampler_for(args)
-    with torch.no_grad():
+    # eagerly: a compiled model would compile again for this cache's length; the collectives are the same
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         model(prompt, cache=cache)
         with CommDebugMode() as mode:
             logits, _ = model(prompt[:, -1:], cache=cache)
@@ -169,9 +180,15 @@ def generate(args, mesh, device):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     lengths = []  # tokens each forward ran: 1 from the cache, more for the prompt or a recomputed window
     counting = model.register_forward_pre_hook(lambda _, inputs: lengths.append(inputs[0].size(1)))
+    stamps = []  # when each token came
+
+    def on_token(tokens):
+        stamps.append(time.time())
+        show(tokens)
+
     start = time.time()
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                         use_cache=not args.no_cache, generator=generator, on_token=show, sample=sampler_for(args))
+                         use_cache=not args.no_cache, generator=generator, on_token=on_token, sample=sampler_for(args))
     seconds = time.time() - start
     counting.remove()
     comm = collectives_per_token(model, prompt, args)
@@ -188,9 +205,14 @@ def generate(args, mesh, device):
                 f"KV cache for {len(lengths) - recomputed} tokens, then {recomputed} each recomputed the last "
                 f"{model.config.block_size} (past block_size the learned positions shift, as in nanoGPT)")
         tokens = args.num_samples * args.max_new_tokens
+        rate = f"{tokens / seconds:.1f} tokens/s"
+        if args.compile and len(stamps) > 2:  # the first one-token step compiles it
+            rate = (f"compiling the decoding step {stamps[1] - stamps[0]:.2f}s (its first step), then "
+                    f"{args.num_samples * (len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s")
         batch = f"{args.num_samples} samples x {args.max_new_tokens}" if args.num_samples > 1 else f"{tokens}"
-        print(f"\n--- {batch} tokens in {seconds:.2f}s: {tokens / seconds:.1f} tokens/s; tp={mesh.size()}, plan "
-              f"{args.plan}, {args.sampler} sampling, {mode}; collectives per generated token: {per_token}")
+        weights = "" if args.dtype == "fp32" else f", {args.dtype}"
+        print(f"\n--- {batch} tokens in {seconds:.2f}s: {rate}; tp={mesh.size()}, plan {args.plan}{weights}, "
+              f"{args.sampler} sampling, {mode}; collectives per generated token: {per_token}")
 
 
 if __name__ == "__main__":

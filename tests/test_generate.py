@@ -111,6 +111,8 @@ def test_samples_are_the_rows_of_one_batch_and_multinomial_draws_as_nanogpt():
 
 @pytest.mark.parametrize("nproc, args, message", [
     (1, ["--checkpoint", "/nonexistent/ckpt"], "error: --checkpoint /nonexistent/ckpt does not exist"),
+    (1, ["--compile", "--no-cache"], "error: --compile compiles the KV-cache decoding step, so it cannot be combined "
+                                     "with --no-cache"),
     (3, [], "error: n_head=4 is not divisible by tp=3; use tp in {1, 2, 4}"),
     (1, ["--prompt", "x" * 64], "error: --prompt is 64 tokens, but the model reads at most block_size=64, one of "
                                 "them the first new token; give at most 63"),
