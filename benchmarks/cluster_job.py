@@ -233,6 +233,8 @@ def generate_timed(model, prompt, new):
     """
     One greedy generate() of `new` tokens after `prompt` (KV cache), as a user runs it: the
     prefill (from the start to the first token) and each later token's interval (decoding).
+    The last logits are gathered (examples/generate.py --sampler multinomial), as when the
+    figures in docs/comm_cost were measured, before vocabulary-parallel sampling.
     """
     stamps = []
     dist.barrier()
@@ -244,13 +246,13 @@ def generate_timed(model, prompt, new):
 def prefill_collectives(model, prompt):
     log = CollectiveLog()
     with log, torch.no_grad():
-        logits, _ = model(prompt, cache=KVCache(len(model.transformer.h)))
+        logits, _ = model(prompt, cache=KVCache(len(model.transformer.h), model.config.block_size))
         logits[:, -1].argmax(-1)  # waits for the logits' gather, as generate's first token does
     return log
 
 
 def decode_collectives(model, prompt):
-    cache, log = KVCache(len(model.transformer.h)), CollectiveLog()
+    cache, log = KVCache(len(model.transformer.h), model.config.block_size), CollectiveLog()
     with torch.no_grad():
         model(prompt, cache=cache)[0][:, -1].argmax(-1)
         with log:

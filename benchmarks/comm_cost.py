@@ -120,7 +120,7 @@ def _times(counts, k):
 
 def measure_options(measure, seq, batch=1):
     """comm_report's arguments for a measure: one prefill, one decoded token, one training step."""
-    return {"prefill": dict(seq=seq), "decode": dict(seq=seq, decode=True),
+    return {"prefill": dict(seq=seq), "decode": dict(seq=seq, decode=True, sampler="multinomial"),
             "train": dict(seq=seq, batch=batch, backward=True, optimizer_step=True)}[measure]
 
 

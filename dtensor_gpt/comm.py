@@ -45,6 +45,7 @@ KINDS = {
     _funcol.reduce_scatter_tensor: "reduce_scatter",
 }
 TOP_K = 200  # examples/generate.py's and nanoGPT's sample.py's default
+SAMPLERS = ("vocab-parallel", "multinomial")  # examples/generate.py's --sampler
 WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                  "reduce_scatter": lambda n: (n - 1) / n}
 PHASES = ("forward", "backward", "optimizer")  # the order a training step issues them in
@@ -120,7 +121,7 @@ def part_of_model(module):
     return "model"
 
 
-def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, decode=False):
+def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_parallel=False):
     """
     The fewest collectives each part of the model needs under `plan`: (phase, kind, bytes).
 
@@ -130,9 +131,9 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, decode
     input feeds: ln_2's weight and bias and attn.c_proj's bias). Generation gathers only the
     last position's logits; training (with `backward`) keeps them vocab-sharded and its
     cross entropy needs 2 all-reduces of (B, T) floats: the max, then the sum of
-    exponentials together with the target logit. A generated token (`seq` 1 without
-    `backward`) needs no logits at all: vocabulary-parallel sampling (dtensor_gpt.sampling)
-    gathers each rank's `top_k` best candidates, or its one winner of the full softmax.
+    exponentials together with the target logit. With `vocab_parallel` sampling
+    (dtensor_gpt.sampling) a generated token needs no logits at all: each rank's `top_k` best
+    candidates are gathered, or its one winner of the full softmax.
     """
     s = 4  # fp32
     act = batch * seq * config.n_embd * s
@@ -153,7 +154,7 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, decode
         need["head"] = [("forward", "all_gather", act), ("backward", "reduce_scatter", act)] if sp else [
             ("backward", "all_reduce", act)]
         need["model"] = [("forward", "all_reduce", batch * seq * s), ("forward", "all_reduce", 2 * batch * seq * s)]
-    elif decode:
+    elif vocab_parallel:
         need["head"] = [("forward", "all_gather", batch * config.n_embd * s)] if sp else []
         need["model"] = [("forward", "all_gather", exchanged_bytes(config.vocab_size, tp, batch, top_k))]
     else:
@@ -181,14 +182,15 @@ def _excess(measured, needed):
 
 
 def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, top_k=TOP_K,
-                optimizer_step=False, **plan_options):
+                sampler="vocab-parallel", optimizer_step=False, **plan_options):
     """
     Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
     process group and return what it communicated, per module and per part of the model,
     next to the plan's minimum. `config` is a GPTConfig or a name from `configs.CONFIGS`.
     With `decode`, the forward measured is one generated token after a `seq`-token prompt
     held in a KV cache, and the choice of the next token from its logits by vocabulary-parallel
-    sampling among the `top_k` best (None: the full softmax), as examples/generate.py does:
+    sampling among the `top_k` best (None: the full softmax), as examples/generate.py does
+    (`sampler` "multinomial": the last logits gathered instead, as its --sampler multinomial):
     the collectives per generated token. With `optimizer_step` (needs `backward`), an AdamW
     step (foreach=False, as examples/train.py) follows the backward: a whole training step.
     The plans' minimum needs no collective there.
@@ -205,6 +207,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError("comm_report runs its own fake process group; call it outside a distributed job")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be a positive integer, or None for the full softmax")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}")
     if decode and (backward or seq >= config.block_size):
         raise ValueError("decode measures one generated token: no backward, and seq must leave room in block_size")
     if optimizer_step and not backward:
@@ -219,7 +223,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         torch.manual_seed(0)
         with contextlib.redirect_stdout(None):
             model = GPT(config)
-        parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=backward or decode, **plan_options)
+        vocab_parallel = decode and sampler == "vocab-parallel"
+        parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=backward or vocab_parallel, **plan_options)
         idx = torch.randint(0, config.vocab_size, (batch, seq))
         cache = None
         if decode:
@@ -229,7 +234,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
             if isinstance(logits, AsyncCollectiveTensor):
                 logits.wait()
             idx = idx[:, -1:]
-        sample = functools.partial(VocabParallelSampler(seed=0), top_k=top_k) if decode else None
+        sample = functools.partial(VocabParallelSampler(seed=0), top_k=top_k) if vocab_parallel else None
         optimizer = torch.optim.AdamW(model.parameters(), foreach=False) if optimizer_step else None
         collectives = record_collectives(model, idx, idx if backward else None, backward, cache, sample, optimizer)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the model's own order
@@ -242,7 +247,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
         for c, n in sorted(rows.items(), key=lambda row: (PHASES.index(row[0].phase), row[0].module == "", order[row[0].module]))
     ]
-    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, decode)
+    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, vocab_parallel)
     measured = {}
     for c in collectives:
         measured.setdefault(part_of_model(c.module), []).append((c.phase, c.kind, c.message_bytes))
@@ -259,7 +264,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
              for part in ("embedding", "blocks", "head", "model")}
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
-        top_k=top_k if decode else None, optimizer_step=optimizer_step,
+        sampler=sampler if decode else None, top_k=top_k if vocab_parallel else None, optimizer_step=optimizer_step,
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -299,6 +304,8 @@ def format_report(report):
 
 def sampled(report):
     """How a decode report picks its token."""
+    if report["sampler"] == "multinomial":
+        return "last logits gathered"
     k = report["top_k"]
     return "vocab-parallel full-softmax sampling" if k is None else f"vocab-parallel top-{k} sampling"
 
@@ -378,6 +385,8 @@ def main(argv=None):
     parser.add_argument("--top-k", type=integer(0), default=TOP_K,
                         help="with --decode: the candidates sampling keeps, 0 for the full softmax (default: %(default)s, "
                              "as examples/generate.py)")
+    parser.add_argument("--sampler", default="vocab-parallel", choices=SAMPLERS,
+                        help="with --decode: how the next token is chosen, as examples/generate.py's --sampler")
     parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
@@ -395,7 +404,7 @@ def main(argv=None):
                      if getattr(args, f) is not None}
         config = config_by_name(args.config, **overrides)
         common = dict(tp=args.tp, config=config, batch=args.batch, seq=args.seq, backward=args.backward, decode=args.decode,
-                      top_k=args.top_k or None, optimizer_step=args.optimizer_step)
+                      top_k=args.top_k or None, sampler=args.sampler, optimizer_step=args.optimizer_step)
         reports = []
         for plan in dict.fromkeys(args.plan):
             options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}

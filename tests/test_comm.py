@@ -101,6 +101,9 @@ def test_decode_measures_one_generated_token():
     assert full["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 1 * 6)), "one winner per rank"
     wide = comm_report("megatron", tp=4, config=config, batch=2, seq=8, decode=True, top_k=500)
     assert wide["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 24 * 6)), "k above a rank's 24 ids"
+    gathered = comm_report("megatron", tp=4, config=config, batch=2, seq=8, decode=True, sampler="multinomial")
+    assert gathered["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (2 * 96 * 4)), "the (2, V) logits"
+    assert gathered["above_minimum"] == {}
     with pytest.raises(ValueError, match="decode measures one generated token"):
         comm_report("megatron", tp=2, config=small_config(), decode=True, backward=True, seq=8)
 

@@ -23,12 +23,12 @@ PROMPT = "ROMEO:\nWhat"
 
 def _greedy(rank, world_size, plan, use_cache):
     sys.path.insert(0, str(ROOT / "examples"))
-    from generate import load_model, parse_args
+    from generate import load_model, parse_args, sampler_for
 
     args = parse_args(["--plan", plan, "--top-k", "1"])
     model, tokenizer = load_model(args, init_device_mesh("cpu", (world_size,)))
     prompt = torch.tensor([tokenizer.encode(PROMPT)])
-    out = model.generate(prompt, 60, top_k=1, use_cache=use_cache)
+    out = model.generate(prompt, 60, top_k=1, use_cache=use_cache, sample=sampler_for(args))
     return out[0].tolist()
 
 
