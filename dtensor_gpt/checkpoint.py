@@ -221,6 +221,17 @@ def _non_finite_everywhere(counts, replicated, params):
     return {n: tuple(row) for n, row in zip(names, table.tolist())}
 
 
+def _refuse_overflow(path, dtype, staged, replicated, params):
+    """Refuse, on every rank alike, finite values that `dtype` cannot hold: they would load as infinity."""
+    cast = DTYPE_NAMES[dtype]
+    counts = {name: (0, non_finite(values.to(cast))[1]) for name, (_, values) in staged.items()}
+    beyond = [(name, n) for name, (_, n) in _non_finite_everywhere(counts, replicated, params).items() if n]
+    if beyond:
+        name, n = beyond[0]
+        raise CheckpointError(f"{path}: {name} holds {n} value{'s' if n > 1 else ''} beyond {dtype}'s range "
+                              f"(±{torch.finfo(cast).max:g}), which would load as infinity; load it in fp32 or bf16")
+
+
 def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     """
     Load a checkpoint of any TP degree (or a Hugging Face GPT-2 directory, or a nanoGPT
@@ -290,6 +301,7 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
                 staged[tname] = (target, _dp_chunk(values, target))
         refuse_non_finite(path, _non_finite_everywhere(counts, replicated, params))
         if dtype is not None:
+            _refuse_overflow(path, dtype, staged, replicated, params)
             model.to(DTYPE_NAMES[dtype])  # in place: every parameter, tied or sharded, stays the same object
         for target, values in staged.values():
             (target.to_local() if isinstance(target, DTensor) else target).copy_(values)

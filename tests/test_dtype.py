@@ -37,3 +37,20 @@ def test_bad_dtype_is_refused_before_anything_moves():
     with pytest.raises(ValueError, match="dtype='bf16' casts a model for inference; load an optimizer's state without it"):
         load_checkpoint(model, str(SHIPPED), dtype="bf16", optimizer=torch.optim.AdamW(model.parameters()))
     assert model.transformer.wpe.weight.dtype == torch.float32 and torch.equal(model.transformer.wpe.weight, before)
+
+
+def test_values_beyond_fp16_are_refused_not_loaded_as_infinity(tmp_path):
+    from dtensor_gpt import save_checkpoint
+
+    model = shipped_model()
+    load_checkpoint(model, str(SHIPPED))
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[3, 5] = 1e5
+    save_checkpoint(model, str(tmp_path / "large"))
+    target = shipped_model()
+    with pytest.raises(CheckpointError, match=r"transformer.h.1.mlp.c_fc.weight holds 1 value beyond fp16's range "
+                                              r"\(±65504\), which would load as infinity; load it in fp32 or bf16"):
+        load_checkpoint(target, str(tmp_path / "large"), dtype="fp16")
+    assert target.transformer.wpe.weight.dtype == torch.float32, "nothing moved"
+    load_checkpoint(target, str(tmp_path / "large"), dtype="bf16")
+    assert target.transformer.h[1].mlp.c_fc.weight[3, 5].item() == 99840.0, "bf16's range holds it (rounded)"
