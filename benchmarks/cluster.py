@@ -48,6 +48,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from dtensor_gpt.publish import process_alive
+
 PREFIX = "dtgc"
 SUBNET = "10.213.0"
 RDZV_PORT = 29400
@@ -99,21 +101,11 @@ def our_namespaces():
     return [line.split()[0] for line in listed if line.startswith(PREFIX + "-")]
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers():
     """Delete namespaces of earlier runs of this tool whose process is gone (killed with SIGKILL, say)."""
     for name in our_namespaces():
         owner = re.match(rf"{PREFIX}-(\d+)-", name)
-        if owner and not _alive(int(owner.group(1))):
+        if owner and not process_alive(int(owner.group(1))):
             _ip("netns", "del", name, check=False)
 
 

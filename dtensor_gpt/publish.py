@@ -38,7 +38,7 @@ def temporary_beside(path):
     return os.path.join(parent, f".{name}.tmp-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
 
 
-def _alive(pid):
+def process_alive(pid):
     """Whether a process with this id runs here (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
@@ -60,7 +60,7 @@ def clean_stale_temporaries(path):
     pattern = re.compile(re.escape(f".{name}.tmp-") + r"(\d+)@(.+)-[0-9a-f]{8}(\.old)?$")
     for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         match = pattern.match(entry)
-        if not match or match.group(2) != socket.gethostname() or _alive(int(match.group(1))):
+        if not match or match.group(2) != socket.gethostname() or process_alive(int(match.group(1))):
             continue
         stale = os.path.join(parent, entry)
         if match.group(3) and not os.path.exists(path):
