@@ -20,6 +20,8 @@ def compile_decoding(model, backend="inductor"):
     Compile `model`'s blocks (in place; returns `model`) with `backend`, a torch.compile backend
     ("inductor" generates fused C++ on CPU; "aot_eager" traces the same graph without code
     generation). `model.generate(..., use_cache=True)` then decodes with the compiled step.
+    Each total length (prompt plus new tokens, below block_size) sizes its own cache and so
+    compiles once; past torch's recompile limit, dynamo decodes eagerly with a warning.
     """
     for block in model.transformer.h:
         block.compile(backend=backend, fullgraph=True, dynamic=False)
