@@ -221,11 +221,10 @@ def _non_finite_everywhere(counts, replicated, params):
     return {n: tuple(row) for n, row in zip(names, table.tolist())}
 
 
-def _refuse_overflow(path, dtype, staged, replicated, params):
-    """Refuse, on every rank alike, finite values that `dtype` cannot hold: they would load as infinity."""
+def _refuse_overflow(path, dtype, overflows, replicated, params):
+    """Refuse, on every rank alike, finite values `dtype` cannot hold ({name: (0, count)}): they would load as infinity."""
     cast = DTYPE_NAMES[dtype]
-    counts = {name: (0, non_finite(values.to(cast))[1]) for name, (_, values) in staged.items()}
-    beyond = [(name, n) for name, (_, n) in _non_finite_everywhere(counts, replicated, params).items() if n]
+    beyond = [(name, n) for name, (_, n) in _non_finite_everywhere(overflows, replicated, params).items() if n]
     if beyond:
         name, n = beyond[0]
         raise CheckpointError(f"{path}: {name} holds {n} value{'s' if n > 1 else ''} beyond {dtype}'s range "
@@ -285,7 +284,7 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
         shape, want = list(p.shape), list(entry["shape"])
         if shape != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")
-    staged, counts, replicated = {}, {}, set()  # this rank's values, all read before any is used
+    staged, counts, overflows, replicated = {}, {}, {}, set()  # this rank's values, all read before any is used
     with torch.no_grad():
         for name, p in params.items():
             targets = {name: p}
@@ -296,12 +295,15 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
             for tname, target in targets.items():
                 values = _tp_values(ckpt, tname, target)
                 counts[tname] = non_finite(values)
+                if dtype is not None:  # cast once, here; the finite values it turns infinite are counted
+                    values = values.to(DTYPE_NAMES[dtype])
+                    overflows[tname] = (0, non_finite(values)[1] - counts[tname][1])
                 if layout.split_of(target) is None:
                     replicated.add(tname)
                 staged[tname] = (target, _dp_chunk(values, target))
         refuse_non_finite(path, _non_finite_everywhere(counts, replicated, params))
         if dtype is not None:
-            _refuse_overflow(path, dtype, staged, replicated, params)
+            _refuse_overflow(path, dtype, overflows, replicated, params)
             model.to(DTYPE_NAMES[dtype])  # in place: every parameter, tied or sharded, stays the same object
         for target, values in staged.values():
             (target.to_local() if isinstance(target, DTensor) else target).copy_(values)
