@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The checks only a CUDA GPU can run, in a few minutes under their own timeout (9 minutes in all):
+# The checks only a CUDA GPU can run, in a few minutes under their own timeouts (8.5 minutes in all):
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
 # 1. tests/test_gpu.py: the model on CUDA against CPU (logits and every gradient), and the
 #    megatron and megatron-sp plans at TP=2 over torch's fake process group on CUDA, fp32 and
 #    bf16, so that the packed q|k|v heads reach CUDA's SDPA kernels through DTensor's CUDA
-#    sharding rules, with the collectives the CPU run issues; then the decoding tests
-#    (tests/test_decoding.py) on this machine's CPU build of the same torch.
+#    sharding rules, with the collectives the CPU run issues.
 # 2. benchmarks/decode_roofline.py on the GPU at TP=1 in bf16, eager and compiled, for GPT-2
 #    124M and for a GPT-2-XL-sized model (random weights), against the bandwidth the same run
 #    measures.
+# 3. The decoding tests (tests/test_decoding.py) on the machine's CPU with its torch, last: the
+#    CPU runs them in CI anyway, but perhaps on another torch version than the GPU machine's.
 #
 # Needs a Python with torch 2.13 built for CUDA and this package's dependencies (PYTHON, default
 # python3); the package itself is used from this checkout. Writes each step's log to OUT_DIR
@@ -35,7 +36,8 @@ step() {  # step NAME SECONDS COMMAND...: run it under its own timeout, log it, 
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')" || exit 2
 "$PYTHON" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}')" | tee "$OUT/device.log"
 
-step tests 150 "$PYTHON" -m pytest tests/test_gpu.py tests/test_decoding.py -q -rs -p no:cacheprovider
+step gpu-tests 120 "$PYTHON" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
 step decode-gpt2 120 "$PYTHON" benchmarks/decode_roofline.py --device cuda --tp 1 --dtypes bf16 --batches 1 16 --config gpt2
-step decode-gpt2-xl 240 "$PYTHON" benchmarks/decode_roofline.py --device cuda --tp 1 --dtypes bf16 --batches 1 --config gpt2-xl --new 64
+step decode-gpt2-xl 180 "$PYTHON" benchmarks/decode_roofline.py --device cuda --tp 1 --dtypes bf16 --batches 1 --config gpt2-xl --new 64
+step decoding-tests 90 "$PYTHON" -m pytest tests/test_decoding.py -q -rs -n 4 -p no:cacheprovider
 exit $status
