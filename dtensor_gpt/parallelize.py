@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import plans
 from dtensor_gpt.apply_tp import apply_tp
+from dtensor_gpt.sharding_rules import check_torch_version
 
 _plans = weakref.WeakKeyDictionary()
 
@@ -66,6 +67,7 @@ def parallelize(model, mesh, plan="megatron", **options):
     path patterns to `ParallelStyle`s. Over a "tp" dimension of size 1 the plan is checked
     and nothing is converted (see `apply_tp`).
     """
+    check_torch_version()
     tp_mesh = tp_submesh(mesh)
     if isinstance(plan, str) and hasattr(model, "config"):
         check_divisible(model.config, tp_mesh.size())

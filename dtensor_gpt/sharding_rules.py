@@ -34,6 +34,7 @@ torch upgrade that changes them fails loudly instead of silently gathering activ
 """
 
 import contextlib
+import re
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -43,6 +44,26 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 aten = torch.ops.aten
+
+OLDEST_TORCH = (2, 13)
+
+
+def check_torch_version(version=None):
+    """
+    Refuse a torch whose DTensor cannot compute the packed q|k|v layout, before anything moves.
+
+    Measured with torch 2.11.0: its redistribute planner raises on a `_StridedShard` it cannot
+    read as a shard order (2.13 falls back to the greedy planner), and with that patched its
+    addmm still expands the strided bias to the wrong width. Versions are compared by
+    (major, minor), so 2.13's pre-releases and local builds pass.
+    """
+    version = version or torch.__version__
+    found = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+    if found < OLDEST_TORCH:
+        raise RuntimeError(
+            f"torch {version} is too old for dtensor_gpt.parallelize: the packed q|k|v layout needs "
+            f"DTensor from torch>={'.'.join(map(str, OLDEST_TORCH))}; pip install torch==2.13.0"
+        )
 
 
 def strided_shard(dim, groups):

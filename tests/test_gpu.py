@@ -11,6 +11,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from dtensor_gpt import GPT, compile_decoding, parallelize
 from dtensor_gpt.sampling import VocabParallelSampler
+from dtensor_gpt.sharding_rules import check_torch_version
 from helpers import fake_process_group, small_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,6 +33,15 @@ def test_cuda_forward_and_gradients_match_cpu():
         assert (a.grad - b.grad.cpu()).abs().max().item() < 1e-4, name
 
 
+def torch_is_too_old():
+    try:
+        check_torch_version()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.skipif(bool(torch_is_too_old()), reason=torch_is_too_old())
 @pytest.mark.parametrize("plan", ["megatron", "megatron-sp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plans_run_on_cuda_with_the_collectives_of_cpu(plan, dtype):
