@@ -2,13 +2,14 @@
 Decoding speed against the memory-bandwidth limit, side by side in one run.
 
     python benchmarks/decode_roofline.py [--config gpt2] [--context 512] [--new 32] [--tp 1 2]
-        [--dtypes fp32 bf16] [--batches 1 4 16] [--device cpu|cuda]
+        [--dtypes fp32 bf16] [--batches 1 4 16] [--device cpu|cuda] [--compile-modes default reduce-overhead]
 
 GPT-2 124M with random weights, a `context`-token prompt, then `new` greedy tokens with the KV
 cache, tokens/s from the first new token to the last (the prompt's forward is not counted).
-Rows: eager and compiled (`dtensor_gpt.compile_decoding`, inductor) in each dtype at each TP
-degree, the hand-written eager Megatron forward of benchmarks/overhead_bench.py (fp32), and
-the compiled model in the first of `--dtypes` with batches of `--batches` rows. TP=1 is the unparallelized model on
+Rows: eager and compiled (`dtensor_gpt.compile_decoding`, inductor, in each of
+`--compile-modes`) in each dtype at each TP degree, the hand-written eager Megatron forward of
+benchmarks/overhead_bench.py (fp32), and the compiled model in the first of `--dtypes` with
+batches of `--batches` rows. TP=1 is the unparallelized model on
 2 threads; TP=2 the megatron plan on 2 gloo processes of 1 thread each, sampling on the
 vocabulary shards as examples/generate.py does (no logits gathered).
 
@@ -132,9 +133,11 @@ def measure(rank, world, args):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device, (world,))
+    variants = [("eager", None)] + [("compiled" if m == "default" else f"compiled, {m}", m) for m in args.compile_modes]
     for name in args.dtypes:
         dtype = DTYPES[name]
-        for compiled in (False, True):
+        for mode, compile_mode in variants:
+            compiled = compile_mode is not None
             torch.manual_seed(0)
             with torch.device(device):  # initialised where it runs: a GPT-2-XL on one CPU thread takes a minute
                 model = GPT(config_by_name(args.config)).to(dtype=dtype).eval()
@@ -142,7 +145,7 @@ def measure(rank, world, args):
                 parallelize(model, mesh, "megatron", loss_parallel=True)
             compile_seconds = 0.0
             if compiled:
-                compile_decoding(model)
+                compile_decoding(model, mode=None if compile_mode == "default" else compile_mode)
             for batch in (args.batches if compiled and name == args.dtypes[0] else [1]):
                 generate = plugin_generate(model)
                 start = time.perf_counter()
@@ -154,7 +157,6 @@ def measure(rank, world, args):
                 reference.setdefault(name, tokens[0])  # eager's, batch 1: the first row of every batch
                 roofline = bytes_per_step(model, dtype, batch, args.context + args.new // 2) / per_second
                 rooflines[name, batch] = roofline
-                mode = "compiled" if compiled else "eager"
                 rows.append((mode, name, batch, seconds, compile_seconds, roofline, tokens[0] == reference[name]))
     if "fp32" in args.dtypes and args.device == "cpu":
         torch.manual_seed(0)
@@ -178,6 +180,8 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compile-modes", nargs="+", default=["default"], choices=["default", "reduce-overhead"],
+                   help="Inductor modes of the compiled rows; reduce-overhead replays each block as a CUDA graph on a GPU")
     args = p.parse_args()
     if args.device == "cuda" and args.tp != [1]:
         p.error("--device cuda measures TP=1 only (one GPU)")

@@ -78,3 +78,19 @@ def test_sampling_and_compiled_decoding_on_cuda():
     greedy = model.generate(prompt.cuda(), 10, top_k=1)
     compile_decoding(model)
     assert torch.equal(model.generate(prompt.cuda(), 10, top_k=1), greedy)
+
+
+def test_cuda_graph_decoding_gives_the_eager_tokens():
+    """
+    mode="reduce-overhead" replays each block's step as a CUDA graph, writing the cache in place
+    inside it; a skipped graph (an input it cannot keep) is an error here, not a silent fallback.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = GPT(small_config()).cuda().eval()
+    prompt = torch.randint(0, 96, (2, 5), device="cuda")
+    greedy = model.generate(prompt, 20, top_k=1)
+    compile_decoding(model, mode="reduce-overhead")
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
+        for _ in range(2):  # the second generation has a new cache: recorded again, not recompiled
+            assert torch.equal(model.generate(prompt, 20, top_k=1), greedy)
