@@ -1,43 +1,75 @@
 """
 `compile_decoding(model)`: torch.compile the one-token decoding step of a GPT, parallelized or not.
 
-The unit is the Block. The whole model does not compile under tensor parallelism: DTensor's
-vocab-parallel embedding keeps its index mask in the placement, which dynamo's and
-AOTAutograd's fake tensors then mix ("Mixing fake modes NYI", torch 2.13). The blocks hold
-nearly every operation of a step (the embedding, the final LayerNorm and the head are a few
-DTensor calls), and every block runs the same code, so one graph serves them all. With the
-static KV cache a step has fixed shapes: the graph compiles once per batch size and cache
-length. Every other forward (a prompt, even of one token, which allocates the cache; a window
-recomputed past block_size; a forward without a cache) runs eagerly rather than compiling a
-graph for each length.
+The units are the Blocks and the head. The whole model does not compile under tensor
+parallelism: DTensor's vocab-parallel embedding keeps its index mask in the placement, which
+dynamo's and AOTAutograd's fake tensors then mix ("Mixing fake modes NYI", torch 2.13). The
+blocks hold nearly every operation of a step, and every block runs the same code, so one graph
+serves them all; the head holds the largest weight (GPT-2's vocabulary), so it compiles too,
+as a function of ours (dynamo will not start a graph in torch.nn.Linear's own forward). The
+embedding and the final LayerNorm stay a few eager calls. With the static KV cache a step has
+fixed shapes: each graph compiles once per batch size and cache length. Every other forward (a
+prompt, even of one token, which allocates the cache; a window recomputed past block_size; a
+forward without a cache) runs eagerly rather than compiling a graph for each length.
+
+On CPU the compiled graphs compute one-row products as fused reductions
+(`dtensor_gpt.one_row_products`): a step of one row runs at the speed weights stream from memory.
 """
 
 import torch
+import torch.nn.functional as F
+
+from dtensor_gpt.one_row_products import OneRowProductsAsReductions
+
+
+def _linear(x, weight, bias):
+    return F.linear(x, weight, bias)
 
 
 def compile_decoding(model, backend="inductor", mode=None):
     """
-    Compile `model`'s blocks (in place; returns `model`) with `backend`, a torch.compile backend
-    ("inductor" generates fused C++ on CPU; "aot_eager" traces the same graph without code
-    generation), and `mode`, Inductor's (None, or "reduce-overhead" to replay each block's step
-    as a CUDA graph on a GPU). `model.generate(..., use_cache=True)` then decodes with the
-    compiled step. Each total length (prompt plus new tokens, below block_size) sizes its own
-    cache and so compiles once; past torch's recompile limit, dynamo decodes eagerly with a
-    warning. With CUDA graphs each block records its own graph for each new cache (its
-    weights and cache are kept in place, not copied), so a process records n_layer graphs per
-    generation; past Inductor's limit of 128 recordings it runs the compiled code without graphs,
-    with a warning.
+    Compile `model`'s blocks and head (in place; returns `model`) with `backend`, a torch.compile
+    backend ("inductor" generates fused C++ on CPU; "aot_eager" traces the same graphs without
+    code generation), and `mode`, Inductor's (None, or "reduce-overhead" to replay each step of
+    a block and of the head as a CUDA graph on a GPU). `model.generate(..., use_cache=True)`
+    then decodes with the compiled step. Each total length (prompt plus new tokens, below
+    block_size) sizes its own cache and so compiles once; past torch's recompile limit, dynamo
+    decodes eagerly with a warning. With CUDA graphs each block records its own graph for each
+    new cache (its weights and cache are kept in place, not copied); past Inductor's limit of
+    128 recordings a function runs without graphs, with a warning.
     """
-    graphs = backend == "inductor" and torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False)
+    if mode is not None and backend != "inductor":
+        raise ValueError(f"mode={mode!r} is an Inductor mode, but backend={backend!r}; pass backend='inductor' or no mode")
+    options, graphs = None, False
+    if backend == "inductor":
+        options = {**torch._inductor.list_mode_options(mode or "default"),
+                   "post_grad_custom_post_pass": OneRowProductsAsReductions()}
+        graphs = options.get("triton.cudagraphs", False)
+    settings = dict(backend=backend, options=options, fullgraph=True, dynamic=False)
     for block in model.transformer.h:
         if graphs:
             # A graph's output lives in its memory pool, and each block's call starts a new
             # "generation" whose replay overwrites the last one's outputs: the next block must get
             # a copy, made outside the graph. So the forward alone is compiled and a hook copies.
-            block.forward = torch.compile(block.forward, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+            block.forward = torch.compile(block.forward, **settings)
             block.register_forward_hook(lambda module, args, output: output.clone())
         else:
-            block.compile(backend=backend, fullgraph=True, dynamic=False)
+            block.compile(**settings)
+    if options is not None:
+        settings = {**settings, "options": {**options, "fx_graph_cache": False}}
+    head, linear = model.lm_head, torch.compile(_linear, **settings)
+
+    def head_forward(x):
+        # A vocabulary split unevenly (GPT-2's 50257 over 2) gives the ranks head shards of
+        # different sizes, which the on-disk caches of compiled graphs (torch 2.13) do not tell
+        # apart: a rank loads another rank's graph and fails its size check (measured). The head
+        # is compiled uncached.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return linear(x, head.weight, head.bias)
+
+    head.forward = head_forward
+    if graphs:
+        head.register_forward_hook(lambda module, args, output: output.clone())
     stances = []
 
     def enter(module, args, kwargs):

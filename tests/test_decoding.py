@@ -41,21 +41,21 @@ def _eager_and_compiled(rank, world_size, backend, texts):
 
 def test_the_decoding_step_compiles_once_per_cache_length():
     """
-    TP=1: one graph for all blocks and all 19 one-token steps of a generation (prompts run
-    eagerly, a one-token prompt too); a prompt of another length makes a cache of another
-    length, compiled once more.
+    TP=1: one graph for all blocks and all 19 one-token steps of a generation and one for the
+    head (prompts run eagerly, a one-token prompt too); a prompt of another length makes a
+    cache of another length: the blocks compile once more, the head, which has no cache, not.
     """
     eager, compiled, frames = run_distributed(_eager_and_compiled, 1, "aot_eager", [PROMPT, "J"])
     assert compiled == eager
     assert [len(t) for t in eager] == [len(PROMPT) + 20, len("J") + 20]
-    assert frames == [1, 2]
+    assert frames == [2, 3]
 
 
 @pytest.mark.parametrize("world_size, backend", [(2, "inductor"), (4, "aot_eager")])
 def test_compiled_greedy_tokens_equal_eager(world_size, backend):
     eager, compiled, frames = run_distributed(_eager_and_compiled, world_size, backend, [PROMPT])
     assert compiled == eager and len(eager[0]) == len(PROMPT) + 20
-    assert frames == [1]
+    assert frames == [2]
 
 
 def test_compiled_sampling_past_block_size_equals_eager():
@@ -79,3 +79,25 @@ def test_generate_py_compiles_in_bf16():
     assert "s (its first step), then " in summary
     assert "tokens/s; tp=1, plan megatron, bf16, vocab-parallel sampling, KV cache; collectives per generated token: none" \
         in summary
+
+
+@pytest.mark.parametrize("rows, matrix_kernel", [(1, False), (3, True)])
+def test_one_row_products_become_fused_reductions(rows, matrix_kernel):
+    """
+    The decoding pass turns a one-row product (with and without bias) into Inductor's own
+    reduction, the same numbers within rounding; products of several rows keep the matrix kernel.
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    from dtensor_gpt.one_row_products import OneRowProductsAsReductions
+
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(rows, 48, generator=g), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    for b in (bias, None):
+        compiled = torch.compile(torch.nn.functional.linear, fullgraph=True, dynamic=False,
+                                 options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            out, (code,) = run_and_get_code(compiled, x, weight, b)
+        assert ("extern_kernels.addmm" in code or "extern_kernels.mm" in code) == matrix_kernel
+        assert torch.allclose(out, torch.nn.functional.linear(x, weight, b), atol=1e-5)
+        torch._dynamo.reset()

@@ -1,0 +1,69 @@
+"""
+One-row matrix products as fused multiply-and-sum reductions: an Inductor graph pass for
+decoding on CPU.
+
+A decoding step of one row reads each weight once for 2 flops per element, so it runs at the
+speed weights stream from memory. On CPU, Inductor hands such a product (`mm`/`addmm` with one
+row) to oneDNN/MKL's matrix-vector kernel, which streams weights at half the rate a plain
+reduction reaches (GPT-2's head weight on 2 threads of this machine: 11.8 GB/s against 24.3
+GB/s for the same product as a fused multiply-and-sum, measured). Written as
+`(x[:, :, None] * w[None]).sum(1)`, Inductor generates one vectorized reduction per product
+that reads each weight row once, contiguously, and never stores the products. Inductor's own
+`decompose_mm_pass` does the same only up to 2048 features on CPU (read once, when it is
+imported), which leaves out GPT-2's 2304- and 3072-wide weights and its head; this pass takes
+every one-row product on CPU. Wider batches stay matrix products: there the matrix kernels
+reuse each weight row across rows.
+"""
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
+
+aten = torch.ops.aten
+
+_patterns = PatternMatcherPass(pass_name="one_row_products_as_reductions")
+
+
+def _one_row_on_cpu(x, w):
+    x, w = x.meta.get("val"), w.meta.get("val")
+    return x is not None and w is not None and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1
+
+
+def _keep_strides(*nodes):
+    """
+    Lower each input with the strides it has: otherwise Inductor may lay the weight's transposed
+    view out anew and the reduction no longer reads weight rows contiguously (GPT-2, 2 threads:
+    37.5 against 29.4 ms per token, measured).
+    """
+    for node in nodes:
+        node.meta["inductor_realize_to_strides"] = True
+
+
+def _product(x, w):
+    # in float32, as the matrix kernels accumulate; written out, it lets Inductor vectorize the
+    # conversion of bf16 weights (bf16 GPT-2 head weight: 30.6 against 18.4 GB/s, measured)
+    return (x[:, :, None].float() * w[None, :, :].float()).sum(1).to(x.dtype)
+
+
+@register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=_patterns)
+def _mm(match, x, w):
+    if _one_row_on_cpu(x, w):
+        match.replace_by_example(_product, [x, w])
+        _keep_strides(x, w)
+
+
+@register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=_patterns)
+def _addmm(match, bias, x, w):
+    if _one_row_on_cpu(x, w):
+        match.replace_by_example(lambda bias, x, w: _product(x, w) + bias, [bias, x, w])
+        _keep_strides(bias, x, w)
+
+
+class OneRowProductsAsReductions(CustomGraphPass):
+    """Inductor's `post_grad_custom_post_pass` for a decoding step (`compile_decoding` passes it)."""
+
+    def __call__(self, graph):
+        _patterns.apply(graph)
+
+    def uuid(self):
+        return get_hash_for_files((__file__,))
