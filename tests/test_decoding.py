@@ -98,6 +98,25 @@ def test_one_row_products_become_fused_reductions(rows, matrix_kernel):
                                  options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
         with torch._functorch.config.patch(enable_autograd_cache=False):
             out, (code,) = run_and_get_code(compiled, x, weight, b)
-        assert ("extern_kernels.addmm" in code or "extern_kernels.mm" in code) == matrix_kernel
+        assert ("extern_kernels.addmm(" in code or "extern_kernels.mm(" in code) == matrix_kernel
         assert torch.allclose(out, torch.nn.functional.linear(x, weight, b), atol=1e-5)
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("queries, fused_kernel", [(1, False), (2, True)])
+def test_one_query_attention_becomes_fused_reductions(queries, fused_kernel):
+    """A decoding step's attention (one query over the cache, masked) is two one-row products per head."""
+    from torch._inductor.utils import run_and_get_code
+
+    from dtensor_gpt.one_row_products import OneRowProductsAsReductions
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, queries, 8, generator=g), torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 10, 8, generator=g)
+    mask = torch.arange(10) <= torch.arange(6, 6 + queries)[:, None]  # the cache's (T, L) mask: 3 positions unwritten
+    attention = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    compiled = torch.compile(attention, fullgraph=True, dynamic=False,
+                             options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        out, (code,) = run_and_get_code(compiled, q, k, v, mask)
+    assert ("aten._scaled_dot_product_flash_attention_for_cpu.default(" in code) == fused_kernel
+    assert torch.allclose(out, attention(q, k, v, mask), atol=1e-6)
