@@ -26,14 +26,30 @@ def _linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
+def _compile_head(head, settings):
+    if settings["options"] is not None:
+        settings = {**settings, "options": {**settings["options"], "fx_graph_cache": False}}
+    linear = torch.compile(_linear, **settings)
+
+    def forward(x):
+        # A vocabulary split unevenly (GPT-2's 50257 over 2) gives the ranks head shards of
+        # different sizes, which the on-disk caches of compiled graphs (torch 2.13) do not tell
+        # apart: a rank loads another rank's graph and fails its size check (measured). The head
+        # is compiled uncached.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return linear(x, head.weight, head.bias)
+
+    head.forward = forward
+
+
 def compile_decoding(model, backend="inductor", mode=None):
     """
     Compile `model`'s blocks and head (in place; returns `model`) with `backend`, a torch.compile
     backend ("inductor" generates fused C++ on CPU; "aot_eager" traces the same graphs without
-    code generation), and `mode`, Inductor's (None, or "reduce-overhead" to replay each step of
-    a block and of the head as a CUDA graph on a GPU). `model.generate(..., use_cache=True)`
-    then decodes with the compiled step. Each total length (prompt plus new tokens, below
-    block_size) sizes its own cache and so compiles once; past torch's recompile limit, dynamo
+    code generation), and `mode`, Inductor's (None, or "reduce-overhead" to replay each block's
+    step as a CUDA graph on a GPU; the head then stays eager). `model.generate(...,
+    use_cache=True)` then decodes with the compiled step. Each total length (prompt plus new
+    tokens, below block_size) sizes its own cache and so compiles once; past torch's recompile limit, dynamo
     decodes eagerly with a warning. With CUDA graphs each block records its own graph for each
     new cache (its weights and cache are kept in place, not copied); past Inductor's limit of
     128 recordings a function runs without graphs, with a warning.
@@ -55,21 +71,8 @@ def compile_decoding(model, backend="inductor", mode=None):
             block.register_forward_hook(lambda module, args, output: output.clone())
         else:
             block.compile(**settings)
-    if options is not None:
-        settings = {**settings, "options": {**options, "fx_graph_cache": False}}
-    head, linear = model.lm_head, torch.compile(_linear, **settings)
-
-    def head_forward(x):
-        # A vocabulary split unevenly (GPT-2's 50257 over 2) gives the ranks head shards of
-        # different sizes, which the on-disk caches of compiled graphs (torch 2.13) do not tell
-        # apart: a rank loads another rank's graph and fails its size check (measured). The head
-        # is compiled uncached.
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            return linear(x, head.weight, head.bias)
-
-    head.forward = head_forward
-    if graphs:
-        head.register_forward_hook(lambda module, args, output: output.clone())
+    if not graphs:  # on a GPU the head is one cuBLAS call, and a graph of it has not run on one
+        _compile_head(model.lm_head, settings)
     stances = []
 
     def enter(module, args, kwargs):
