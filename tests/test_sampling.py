@@ -47,14 +47,14 @@ def _texts(rank, world_size):
     model = parallelize(GPT(config), init_device_mesh("cpu", (world_size,)), "megatron", loss_parallel=True)
     load_checkpoint(model, str(SHIPPED))
     prompt = torch.tensor([[20, 26, 27], [30, 1, 2]])
-    return [model.eval().generate(prompt, 80, temperature=0.8, top_k=top_k, sample=VocabParallelSampler(seed=1337)).tolist()
+    return [model.eval().generate(prompt, 40, temperature=0.8, top_k=top_k, sample=VocabParallelSampler(seed=1337)).tolist()
             for top_k in (200, None)]
 
 
 def test_seeded_text_is_the_same_at_tp_1_2_4():
     """The shipped model's 65 characters: 33/32 ids at TP=2, 17/17/17/14 at TP=4."""
     reference = run_distributed(_texts, 1)
-    assert all(len(rows[0]) == 83 and rows[0] != rows[1] for rows in reference)
+    assert all(len(rows[0]) == 43 and rows[0] != rows[1] for rows in reference)
     assert run_distributed(_texts, 2) == reference
     assert run_distributed(_texts, 4) == reference
 
