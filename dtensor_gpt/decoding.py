@@ -19,8 +19,6 @@ On CPU the compiled graphs compute one-row products as fused reductions
 import torch
 import torch.nn.functional as F
 
-from dtensor_gpt.one_row_products import OneRowProductsAsReductions
-
 
 def _linear(x, weight, bias):
     return F.linear(x, weight, bias)
@@ -58,6 +56,9 @@ def compile_decoding(model, backend="inductor", mode=None):
         raise ValueError(f"mode={mode!r} is an Inductor mode, but backend={backend!r}; pass backend='inductor' or no mode")
     options, graphs = None, False
     if backend == "inductor":
+        # imported here: the pass imports Inductor, 1.3 s for every process that imports the package
+        from dtensor_gpt.one_row_products import OneRowProductsAsReductions
+
         options = {**torch._inductor.list_mode_options(mode or "default"),
                    "post_grad_custom_post_pass": OneRowProductsAsReductions()}
         graphs = options.get("triton.cudagraphs", False)

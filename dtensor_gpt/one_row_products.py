@@ -48,7 +48,7 @@ def _keep_strides(*nodes):
 
 def _product(x, w):
     # in float32, as the matrix kernels accumulate; written out, it lets Inductor vectorize the
-    # conversion of bf16 weights (bf16 GPT-2 head weight: 30.6 against 18.4 GB/s, measured)
+    # conversion of bf16 weights (bf16 GPT-2 head weight: 25.2 against 18.4 GB/s, measured)
     return (x[:, :, None].float() * w[None, :, :].float()).sum(1).to(x.dtype)
 
 
