@@ -48,6 +48,7 @@ from dtensor_gpt import GPT, parallelize
 from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.launch import exit_distributed
 from dtensor_gpt.model import KVCache
+from dtensor_gpt.sampling import VocabParallelSampler
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -216,12 +217,13 @@ def parse_plan(spec):
     return plan, (dict(spd_blocks=blocks or "all") if plan == "spd" else {})
 
 
-def build(config, spec, mesh, train):
+def build(config, spec, mesh):
+    """The model under plan `spec`, its logits kept vocab-sharded: the loss and the sampler work on the shards."""
     torch.manual_seed(0)
     with contextlib.redirect_stdout(None):
         model = GPT(config)
     plan, options = parse_plan(spec)
-    return parallelize(model, mesh, plan, loss_parallel=train, **options)
+    return parallelize(model, mesh, plan, loss_parallel=True, **options)
 
 
 def batch(config, rows, seq, seed=0):
@@ -231,15 +233,15 @@ def batch(config, rows, seq, seed=0):
 
 def generate_timed(model, prompt, new):
     """
-    One greedy generate() of `new` tokens after `prompt` (KV cache), as a user runs it: the
-    prefill (from the start to the first token) and each later token's interval (decoding).
-    The last logits are gathered (examples/generate.py --sampler multinomial), as when the
-    figures in docs/comm_cost were measured, before vocabulary-parallel sampling.
+    One greedy generate() of `new` tokens after `prompt` (KV cache), as examples/generate.py
+    runs it (vocabulary-parallel sampling: no logits gathered): the prefill (from the start to
+    the first token) and each later token's interval (decoding).
     """
     stamps = []
     dist.barrier()
     start = time.perf_counter()
-    model.generate(prompt, new, top_k=1, use_cache=True, on_token=lambda _: stamps.append(time.perf_counter()))
+    model.generate(prompt, new, top_k=1, use_cache=True, on_token=lambda _: stamps.append(time.perf_counter()),
+                   sample=VocabParallelSampler(seed=0))
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -247,16 +249,17 @@ def prefill_collectives(model, prompt):
     log = CollectiveLog()
     with log, torch.no_grad():
         logits, _ = model(prompt, cache=KVCache(len(model.transformer.h), model.config.block_size))
-        logits[:, -1].argmax(-1)  # waits for the logits' gather, as generate's first token does
+        VocabParallelSampler(seed=0)(logits[:, -1], 1)  # the first token, as generate picks it
     return log
 
 
 def decode_collectives(model, prompt):
     cache, log = KVCache(len(model.transformer.h), model.config.block_size), CollectiveLog()
     with torch.no_grad():
-        model(prompt, cache=cache)[0][:, -1].argmax(-1)
+        sample = VocabParallelSampler(seed=0)
+        sample(model(prompt, cache=cache)[0][:, -1], 1)
         with log:
-            model(prompt[:, -1:], cache=cache)[0][:, -1].argmax(-1)
+            sample(model(prompt[:, -1:], cache=cache)[0][:, -1], 1)
     return log
 
 
@@ -310,7 +313,7 @@ def measure_plans(args, config, mesh, rates):
     tokens = batch(config, args.train_batch, args.train_seq)
     for spec in args.plans.split(","):
         row = dict(plan=spec)
-        model = build(config, spec, mesh, train=False).eval()
+        model = build(config, spec, mesh).eval()
         generate_timed(model, prompt, 2)  # warm-up
         row["prefill_collectives"] = prefill_collectives(model, prompt).counts()
         row["decode_collectives"] = decode_collectives(model, prompt).counts()
@@ -323,7 +326,7 @@ def measure_plans(args, config, mesh, rates):
         prefills.into(row, "prefill")
         tokens_after.into(row, "decode")
         del model
-        trainer = Trainer(build(config, spec, mesh, train=True), tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+        trainer = Trainer(build(config, spec, mesh), tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
         log = CollectiveLog()
         with log:  # the warm-up step, recorded
             trainer.step()
@@ -352,7 +355,7 @@ def measure_placement(args, config, where, rates):
     # mesh rows are TP groups: a node's ranks (tp-inside), or one local rank of every node (tp-across)
     for placed, ranks in (("tp-inside", grid), ("tp-across", grid.t())):
         mesh = DeviceMesh("cpu", ranks.contiguous(), mesh_dim_names=("dp", "tp"))
-        model = build(config, args.plan, mesh, train=True)
+        model = build(config, args.plan, mesh)
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])

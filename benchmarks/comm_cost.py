@@ -119,8 +119,11 @@ def _times(counts, k):
 
 
 def measure_options(measure, seq, batch=1):
-    """comm_report's arguments for a measure: one prefill, one decoded token, one training step."""
-    return {"prefill": dict(seq=seq), "decode": dict(seq=seq, decode=True, sampler="multinomial"),
+    """
+    comm_report's arguments for a measure: one prefill, one decoded token (each choosing its
+    token greedily on the vocabulary shards, as the job's generate does), one training step.
+    """
+    return {"prefill": dict(seq=seq, prefill=True, top_k=1), "decode": dict(seq=seq, decode=True, top_k=1),
             "train": dict(seq=seq, batch=batch, backward=True, optimizer_step=True)}[measure]
 
 

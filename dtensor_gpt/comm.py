@@ -182,7 +182,7 @@ def _excess(measured, needed):
 
 
 def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backward=False, decode=False, top_k=TOP_K,
-                sampler="vocab-parallel", optimizer_step=False, **plan_options):
+                sampler="vocab-parallel", optimizer_step=False, prefill=False, **plan_options):
     """
     Run one forward (and backward) of `config` under `plan` at degree `tp` over a fake
     process group and return what it communicated, per module and per part of the model,
@@ -191,7 +191,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     held in a KV cache, and the choice of the next token from its logits by vocabulary-parallel
     sampling among the `top_k` best (None: the full softmax), as examples/generate.py does
     (`sampler` "multinomial": the last logits gathered instead, as its --sampler multinomial):
-    the collectives per generated token. With `optimizer_step` (needs `backward`), an AdamW
+    the collectives per generated token. With `prefill`, the forward measured is the `seq`-token
+    prompt's, and the first token is chosen from its last position in the same way. With `optimizer_step` (needs `backward`), an AdamW
     step (foreach=False, as examples/train.py) follows the backward: a whole training step.
     The plans' minimum needs no collective there.
     """
@@ -211,6 +212,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}")
     if decode and (backward or seq >= config.block_size):
         raise ValueError("decode measures one generated token: no backward, and seq must leave room in block_size")
+    if prefill and (backward or decode):
+        raise ValueError("prefill measures a prompt's forward and its first token: not with backward or decode")
     if optimizer_step and not backward:
         raise ValueError("optimizer_step follows a backward: pass backward=True with it")
     check_divisible(config, tp)
@@ -223,7 +226,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         torch.manual_seed(0)
         with contextlib.redirect_stdout(None):
             model = GPT(config)
-        vocab_parallel = decode and sampler == "vocab-parallel"
+        vocab_parallel = (decode or prefill) and sampler == "vocab-parallel"
         parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=backward or vocab_parallel, **plan_options)
         idx = torch.randint(0, config.vocab_size, (batch, seq))
         cache = None
@@ -264,7 +267,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
              for part in ("embedding", "blocks", "head", "model")}
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
-        sampler=sampler if decode else None, top_k=top_k if vocab_parallel else None, optimizer_step=optimizer_step,
+        sampler=sampler if decode or prefill else None, top_k=top_k if vocab_parallel else None,
+        optimizer_step=optimizer_step, prefill=prefill,
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -282,10 +286,12 @@ def format_report(report):
                  f"vocab={c['vocab_size']}, batch={report['batch']} seq={report['seq']}"
                  + (", forward + backward + AdamW step" if report.get("optimizer_step") else
                     ", forward + backward" if report["backward"] else
-                    f", one generated token (KV cache, {sampled(report)})" if report["decode"] else ", forward")
+                    f", one generated token (KV cache, {sampled(report)})" if report["decode"] else
+                    f", a prompt and its first token ({sampled(report)})" if report.get("prefill") else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
-    model = "(model: loss)" if report["backward"] else "(model: sampling)" if report["decode"] else "(model: last position)"
+    sampling = report["decode"] or (report.get("prefill") and report["sampler"] == "vocab-parallel")
+    model = "(model: loss)" if report["backward"] else "(model: sampling)" if sampling else "(model: last position)"
     for r in report["collectives"]:
         where = r["module"] or ("(optimizer)" if r["phase"] == "optimizer" else model)
         lines.append(f"{where:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "

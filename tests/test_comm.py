@@ -124,3 +124,21 @@ def test_optimizer_step_collectives():
     assert stepped == [("all_reduce", 96 * 4, 3 * layer_norm_parameters)]
     with pytest.raises(ValueError, match="optimizer_step follows a backward"):
         comm_report("megatron", tp=2, config=config, seq=8, optimizer_step=True)
+
+
+def test_prefill_measures_a_prompt_and_its_first_token():
+    """
+    A prompt's forward, then its first token chosen on the vocabulary shards as generate does:
+    the blocks' all-reduces of the whole prompt, and in place of the last logits' gather
+    (V floats a row) each rank's k best candidates.
+    """
+    config = small_config(n_layer=2)
+    r = comm_report("megatron", tp=2, config=config, batch=2, seq=8, prefill=True, top_k=1)
+    assert r["counts"] == {"all_reduce": 5, "all_gather": 1} and r["above_minimum"] == {}
+    act = 2 * 8 * config.n_embd * 4
+    assert r["wire_bytes_per_token"] * 2 * 8 == pytest.approx(5 * act + 1 / 2 * (2 * 2 * 1 * 6))
+    assert "(model: sampling)" in format_report(r) and "a prompt and its first token" in format_report(r)
+    gathered = comm_report("megatron", tp=2, config=config, batch=2, seq=8, prefill=True, sampler="multinomial")
+    assert gathered["wire_bytes_per_token"] * 2 * 8 == pytest.approx(5 * act + 1 / 2 * (2 * config.vocab_size * 4))
+    with pytest.raises(ValueError, match="prefill measures a prompt's forward"):
+        comm_report("megatron", tp=2, config=config, seq=8, prefill=True, decode=True)
