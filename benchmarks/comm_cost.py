@@ -107,11 +107,18 @@ def predict(unlimited_seconds, counts, n, link, unlimited_link):
 
 # ------------------------------------------------------------ collectives, from dtensor_gpt.comm
 
-def _counts(report):
+def _counts(report, *, whole_model=True):
+    """{(kind, message bytes): count}; without `whole_model`, not the backward's closing reduction (see plan_collectives)."""
     counts = Counter()
     for c in report["collectives"]:
-        counts[(c["kind"], c["message_bytes"])] += c["count"]
+        if whole_model or not _closes_backward(c):
+            counts[(c["kind"], c["message_bytes"])] += c["count"]
     return counts
+
+
+def _closes_backward(c):
+    """The one all-reduce of every LayerNorm's partial gradients after a megatron-sp backward (no module issues it)."""
+    return c["phase"] == "backward" and c["module"] == ""
 
 
 def _times(counts, k):
@@ -136,31 +143,39 @@ def plan_collectives(spec, tp, config, **options):
     issues at degree tp, from dtensor_gpt.comm's reports of the same config with 1 and 2
     blocks: every block of a plan issues the same collectives, so a model's are those of its
     embedding and head plus n_layer blocks' (SPD's dropped blocks counted from a 1-block
-    model that drops it). Exact (tested), and cheap for GPT-2-XL's 48 blocks.
+    model that drops it). The one collective whose message grows with the blocks, the
+    all-reduce closing a megatron-sp backward (every LayerNorm's gradients in one buffer), is
+    counted apart: its bytes grow by the same amount with each block. Exact (tested), and
+    cheap for GPT-2-XL's 48 blocks.
     """
     from dtensor_gpt.comm import comm_report
     from plans.spd import parse_spd_blocks
 
     def report(plan, n_layer, **more):
+        """(the counts but the closing reduction, the closing reduction's [(kind, bytes)])"""
         key = repr((plan, tp, replace(config, n_layer=n_layer), sorted({**options, **more}.items())))
         if key not in _reports:
-            _reports[key] = _counts(comm_report(plan, tp, replace(config, n_layer=n_layer), **options, **more))
+            r = comm_report(plan, tp, replace(config, n_layer=n_layer), **options, **more)
+            _reports[key] = _counts(r, whole_model=False), [(c["kind"], c["message_bytes"]) for c in r["collectives"]
+                                                            if _closes_backward(c)]
         return _reports[key]
 
     plan, _, blocks = spec.partition(":")
     n_layer = config.n_layer
     dropped = len(parse_spd_blocks(blocks or "all", n_layer)) if plan == "spd" else 0
     kept_plan = "megatron" if plan == "spd" else plan
-    one, two = report(kept_plan, 1), report(kept_plan, 2)
+    (one, closing_one), (two, closing_two) = report(kept_plan, 1), report(kept_plan, 2)
     block = two - one
     edges = one - block
     assert edges + block == one and one + block == two, "the blocks do not issue alike"
     total = edges + _times(block, n_layer - dropped)
     if dropped:
-        drop_one = report("spd", 1, spd_blocks="all")
+        drop_one, _ = report("spd", 1, spd_blocks="all")
         dropped_block = drop_one - edges
         assert edges + dropped_block == drop_one
         total += _times(dropped_block, dropped)
+    for (kind, first), (_, second) in zip(closing_one, closing_two, strict=True):
+        total[(kind, first + (n_layer - 1) * (second - first))] += 1
     return total
 
 

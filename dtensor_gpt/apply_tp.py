@@ -18,6 +18,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from dtensor_gpt import sharding_rules
+from dtensor_gpt.partial_grads import reduce_partial_grads_after_backward
 from dtensor_gpt.styles import PackedColwiseParallel
 
 
@@ -120,4 +121,4 @@ def apply_tp(model, tp_mesh, styles):
     sharding_rules.register()
     parallelize_module(model, tp_mesh, styles)
     retie(model, tied)
-    return model
+    return reduce_partial_grads_after_backward(model)

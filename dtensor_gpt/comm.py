@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
+from dtensor_gpt import partial_grads
 from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig, KVCache
@@ -74,7 +75,7 @@ class _Recorder(CommDebugMode):
             if kind == "all_gather":
                 size *= args[1]
             module = self.advanced_module_tracker.name
-            module = "" if module == "Global" or "." not in module else module.split(".", 1)[1]
+            module = "" if module == "Global" or "." not in module or partial_grads.reducing() else module.split(".", 1)[1]
             phase = "backward" if self.advanced_module_tracker.is_bw else "forward"
             self.collectives.append(Collective(module, phase, kind, size))
         return out
@@ -131,7 +132,9 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_
     input feeds: ln_2's weight and bias and attn.c_proj's bias). Generation gathers only the
     last position's logits; training (with `backward`) keeps them vocab-sharded and its
     cross entropy needs 2 all-reduces of (B, T) floats: the max, then the sum of
-    exponentials together with the target logit. With `vocab_parallel` sampling
+    exponentials together with the target logit; under sequence parallelism the gradients of
+    the LayerNorms' replicated parameters need one all-reduce, all of them together
+    (dtensor_gpt.partial_grads). With `vocab_parallel` sampling
     (dtensor_gpt.sampling) a generated token needs no logits at all: each rank's `top_k` best
     candidates are gathered, or its one winner of the full softmax.
     """
@@ -154,6 +157,8 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_
         need["head"] = [("forward", "all_gather", act), ("backward", "reduce_scatter", act)] if sp else [
             ("backward", "all_reduce", act)]
         need["model"] = [("forward", "all_reduce", batch * seq * s), ("forward", "all_reduce", 2 * batch * seq * s)]
+        if sp:  # the LayerNorms' replicated weights and biases: their partial gradients, in one buffer
+            need["model"] += [("backward", "all_reduce", (2 * 2 * config.n_layer + 2) * config.n_embd * s)]
     elif vocab_parallel:
         need["head"] = [("forward", "all_gather", batch * config.n_embd * s)] if sp else []
         need["model"] = [("forward", "all_gather", exchanged_bytes(config.vocab_size, tp, batch, top_k))]
@@ -194,7 +199,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     the collectives per generated token. With `prefill`, the forward measured is the `seq`-token
     prompt's, and the first token is chosen from its last position in the same way. With `optimizer_step` (needs `backward`), an AdamW
     step (foreach=False, as examples/train.py) follows the backward: a whole training step.
-    The plans' minimum needs no collective there.
+    The plans' minimum needs no collective there, and the plans issue none.
     """
     config = config_by_name(config) if isinstance(config, str) else config
     if plan not in PLANS:
