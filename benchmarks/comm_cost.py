@@ -3,8 +3,8 @@ What communication costs in time. GPT-2 124M under each TP plan on emulated node
 `tc` caps (benchmarks/cluster.py), a cost model fitted to a collective microbenchmark on the
 same links and checked against every measured cell, and the same model on paper for real links.
 
-    python benchmarks/comm_cost.py measure --tp 2    # plans x link rate, TP=2 (root; about 20 min on 2 loaded cores)
-    python benchmarks/comm_cost.py measure --tp 4 --repeats 2
+    python benchmarks/comm_cost.py measure --tp 2 --repeats 5    # plans x link rate, TP=2 (root; about 18 min on 2 quiet cores)
+    python benchmarks/comm_cost.py measure --tp 4 --repeats 3
     python benchmarks/comm_cost.py placement    # dp=2 x tp=2 on 2 nodes: TP inside the nodes or across (root)
     python benchmarks/comm_cost.py report [--png docs/comm_cost.png]   # tables (markdown), PNG, on-paper table
 

@@ -6,12 +6,13 @@ results in collectives.json); the jobs' own logs of what they issued are checked
 """
 
 import glob
+import hashlib
 import json
 import math
 import os
 from collections import Counter
 
-from comm_cost import MEASURES, PLACEMENT, PLANS, comm_seconds, fit_link, measure_options, plan_collectives, predict
+from comm_cost import MEASURES, PLACEMENT, PLANS, ROOT, comm_seconds, fit_link, measure_options, plan_collectives, predict
 
 from dtensor_gpt.configs import config_by_name
 
@@ -32,12 +33,27 @@ def link_fit(result, rate):
     return fit_link({k: {int(s): t for s, t in v.items()} for k, v in c["seconds"][rate].items()}, c["group_size"])
 
 
+def source_fingerprint():
+    """A hash of the code that decides what a plan communicates: dtensor_gpt/ and plans/."""
+    digest = hashlib.sha256()
+    for folder in ("dtensor_gpt", "plans"):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if name.endswith(".py"):
+                with open(os.path.join(ROOT, folder, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
 class CollectiveCounts:
-    """plan_collectives, remembered in a JSON file (each takes seconds to minutes of CPU)."""
+    """
+    plan_collectives, remembered in a JSON file (each takes seconds to minutes of CPU), with
+    the fingerprint of the code that counted them: counts from other code are counted anew.
+    """
 
     def __init__(self, path):
-        self.path = path
-        self.known = json.load(open(path)) if os.path.exists(path) else {}
+        self.path, self.code = path, source_fingerprint()
+        known = json.load(open(path)) if os.path.exists(path) else {}
+        self.known = known.get("counts", {}) if known.get("code") == self.code else {}
 
     def __call__(self, spec, tp, config_name, overrides=None, **options):
         key = json.dumps([spec, tp, config_name, overrides or {}, options], sort_keys=True)
@@ -46,7 +62,7 @@ class CollectiveCounts:
             counts = plan_collectives(spec, tp, config, **options)
             self.known[key] = sorted([k, b, n] for (k, b), n in counts.items())
             with open(self.path, "w") as f:
-                json.dump(self.known, f, indent=0)
+                json.dump(dict(code=self.code, counts=self.known), f, indent=0)
         return Counter({(k, b): n for k, b, n in self.known[key]})
 
 

@@ -298,7 +298,7 @@ def format_report(report):
     sampling = report["decode"] or (report.get("prefill") and report["sampler"] == "vocab-parallel")
     model = "(model: loss)" if report["backward"] else "(model: sampling)" if sampling else "(model: last position)"
     for r in report["collectives"]:
-        where = r["module"] or ("(optimizer)" if r["phase"] == "optimizer" else model)
+        where = r["module"] or {"optimizer": "(optimizer)", "backward": "(model: end of backward)"}.get(r["phase"], model)
         lines.append(f"{where:34} {r['phase']:9} {r['kind']:15} {r['count']:>5} "
                      f"{r['message_bytes']:>14,} {r['wire_bytes']:>16,}")
     lines.append(f"wire bytes per token per rank: {report['wire_bytes_per_token']:,.0f} "

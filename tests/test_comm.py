@@ -123,6 +123,7 @@ def test_optimizer_step_collectives():
         at_the_end = [(c["kind"], c["message_bytes"], c["count"]) for c in r["collectives"]
                       if c["phase"] == "backward" and c["module"] == ""]
         assert at_the_end == ([("all_reduce", layer_norm_parameters * 96 * 4, 1)] if plan == "megatron-sp" else [])
+        assert ("(model: end of backward)" in format_report(r)) == (plan == "megatron-sp")
         assert not any(phase == "backward" and size == layer_norm_parameters * 96 * 4
                        for extra in r["above_minimum"].values() for phase, _, size in extra)
     with pytest.raises(ValueError, match="optimizer_step follows a backward"):
