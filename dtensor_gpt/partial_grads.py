@@ -15,7 +15,7 @@ added to the reduced one on one rank only (see `_accumulate_on_one_rank`).
 
 import torch
 from torch.autograd import Variable
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Replicate
 
 
 _reducing = []  # non-empty while the end of a backward reduces
