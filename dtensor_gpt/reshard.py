@@ -13,6 +13,13 @@ The converter writes fresh checksums for what it writes, so it must never be han
 bytes: by default every source byte is checked against the source's own checksums first
 (each rank file's sha256, each ckpt.pt record's CRC-32; a Hugging Face directory carries
 none), and every tensor it reads for NaN and infinity. --no-verify skips the checksums only.
+
+Exit status 2 is a bad argument, refused before anything is written, with its usage: a value
+argparse refuses, --tp other than 1 with an export, SRC missing, DST existing without
+--overwrite (or, with it, not a checkpoint or export it may replace), DST overlapping SRC,
+--tp not dividing SRC's n_head. Exit status 1 is a failed conversion: SRC cannot be read as a
+checkpoint (not one, damaged, failing its checksums, holding NaN or infinity) or writing DST
+failed (no room, an I/O error).
 """
 
 import argparse
@@ -27,6 +34,7 @@ import uuid
 import torch
 
 from dtensor_gpt import layout
+from dtensor_gpt.cli import integer
 from dtensor_gpt.format import FORMAT, CheckpointError, index_sha256, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.model import GPTConfig
 from dtensor_gpt.parallelize import check_divisible
@@ -42,6 +50,11 @@ from dtensor_gpt.publish import (
 )
 from dtensor_gpt.safetensors_stream import DTYPE_NAMES, DTYPES, TORCH_DTYPES, StreamingWriter
 from dtensor_gpt.sources import CHARACTERS, CONV1D, activation_note, gpt_names, non_finite, open_source, refuse_non_finite
+
+
+class BadArgument(CheckpointError):
+    """An argument the paths it names refuse; `main` reports it as argparse does a bad value (exit status 2)."""
+
 
 class Progress:
     """A one-line progress bar on a terminal; silent otherwise."""
@@ -61,7 +74,6 @@ class Progress:
 
 def write_native(source, tmp, tp, dtype=None, progress_label="reshard"):
     """Write `source` into the new directory `tmp` as a checkpoint at degree `tp`, rank file by rank file."""
-    check_divisible(GPTConfig(**{f: source.config[f] for f in GPTConfig.__dataclass_fields__}), tp)
     ident = source.id or uuid.uuid4().hex
     os.makedirs(tmp)
     tensors = {}
@@ -252,22 +264,35 @@ class FiniteReads:
         return t
 
 
-def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=True):
-    """The converter as a function; returns the source (for reporting)."""
-    if to != "native" and tp is not None:
-        raise CheckpointError(f"--tp applies to --to native only; a --to {to} export holds the whole model")
-    tp = 1 if tp is None else tp
+def check_arguments(src, dst, tp, to, overwrite):
+    """Refuse, as a BadArgument, what the arguments ask of the paths they name, before anything is read."""
+    if not isinstance(tp, int) or tp < 1:
+        raise BadArgument(f"--tp {tp} must be a positive integer")
+    if to != "native" and tp != 1:
+        raise BadArgument(f"--tp {tp} applies to --to native only: a --to {to} export holds the whole model, "
+                          f"as --tp 1 does; drop --tp")
     if not os.path.exists(src):
-        raise CheckpointError(f"{src} does not exist")
-    check_apart(src, dst)
+        raise BadArgument(f"{src} does not exist")
+    try:
+        check_apart(src, dst)
+    except ValueError as e:
+        raise BadArgument(str(e)) from None
     clean_stale_temporaries(dst)
     if os.path.exists(dst):
         refusal = f"{dst} exists; pass --overwrite to replace it" if not overwrite else replaceable(to)(dst)
         if refusal:
-            raise CheckpointError(refusal)
-    if not isinstance(tp, int) or tp < 1:
-        raise CheckpointError(f"--tp {tp} must be a positive integer")
+            raise BadArgument(refusal)
+
+
+def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=True):
+    """The converter as a function; returns the source (for reporting)."""
+    tp = 1 if tp is None else tp
+    check_arguments(src, dst, tp, to, overwrite)
     source = FiniteReads(open_source(src, verify), src)
+    try:
+        check_divisible(GPTConfig(**{f: source.config[f] for f in GPTConfig.__dataclass_fields__}), tp)
+    except ValueError as e:
+        raise BadArgument(f"{src}: {e}") from None
     if activation_note(source, src):
         print(activation_note(source, src), file=sys.stderr)
     needed = output_bytes(source, dtype, to)
@@ -301,7 +326,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src")
     parser.add_argument("dst")
-    parser.add_argument("--tp", type=int, help="TP degree of the output, --to native only (default: 1)")
+    parser.add_argument("--tp", type=integer(1), help="TP degree of the output; an export (--to hf or nanogpt) "
+                                                      "holds the whole model, --tp 1 (default: 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast every tensor (default: keep)")
     parser.add_argument("--to", choices=["native", *EXPORTS], default="native",
                         help="native: this project's checkpoint at --tp; hf: a Hugging Face GPT-2 directory; "
@@ -313,6 +339,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, args.tp, DTYPE_NAMES.get(args.dtype), args.to, args.overwrite, args.verify)
+    except BadArgument as e:
+        parser.error(str(e))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -209,6 +209,21 @@ class HFSource(_Source):
         return t
 
 
+def check_archive(path):
+    """
+    Refuse a file that is not a torch.save archive (a zip, as every nanoGPT ckpt.pt is) before
+    torch.load sees it: torch answers a text file with advice on saving one.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{path} is not a checkpoint directory of this project, a Hugging Face GPT-2 directory "
+                              f"or a nanoGPT ckpt.pt (it is not a torch.save archive); give one of those")
+
+
 def check_crc32(path):
     """
     Every record of a torch.save archive against its CRC-32 (torch.load checks none, so a
@@ -235,7 +250,7 @@ class NanoGPTSource(_Source):
     """
 
     def __init__(self, path, verify=False):
-        regular_file(path)
+        check_archive(regular_file(path))
         if verify:
             check_crc32(path)
         try:

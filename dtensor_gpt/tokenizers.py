@@ -1,5 +1,6 @@
 """Tokenizers: a character vocabulary, or GPT-2's byte-pair encoding through tiktoken."""
 
+import base64
 import codecs
 import io
 import pickle
@@ -67,6 +68,34 @@ def chars_from_meta(path):
         raise ValueError(f"{path} is not a nanoGPT character meta.pkl ({e})") from None
 
 
+def ranks_from_file(path):
+    """
+    {token bytes: rank} of a .tiktoken ranks file. Read here, not by tiktoken's loader: that one
+    caches a local file by its path (a file replaced at the same path keeps its old ranks) and
+    quotes a line it cannot parse, raw bytes and all.
+    """
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    ranks = {}
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            ranks = None
+            break
+    if not ranks:
+        wrong = "it holds none" if ranks == {} else f"line {number} is not one"
+        raise ValueError(f"{path} is not a .tiktoken ranks file (lines of a base64 token and its rank; {wrong}) "
+                         f"nor a nanoGPT meta.pkl")
+    return ranks
+
+
 class BPETokenizer:
     """GPT-2's BPE: from a local `.tiktoken` ranks file (offline), or tiktoken's own cache."""
 
@@ -74,13 +103,7 @@ class BPETokenizer:
         import tiktoken
 
         if path:
-            from tiktoken.load import load_tiktoken_bpe
-
-            try:
-                ranks = load_tiktoken_bpe(path)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path} is not a .tiktoken ranks file (lines of a base64 token and its rank): "
-                                 f"{e}") from None
+            ranks = ranks_from_file(path)
             self.enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                          special_tokens={"<|endoftext|>": len(ranks)})
         else:

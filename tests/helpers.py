@@ -188,3 +188,11 @@ def write_ranks(path, merges=("th", "he", "the", " t", "e ")):
     with open(path, "w") as f:
         f.writelines(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens))
     return len(tokens) + 1
+
+
+def exit_status(main, argv):
+    """What a command line's `main(argv)` exits with: its return value, or the status argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code

@@ -18,7 +18,7 @@ from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_check
 from dtensor_gpt import layout
 from dtensor_gpt.checkpoint import CheckpointError
 from dtensor_gpt.reshard import main as reshard
-from helpers import fake_process_group, small_config
+from helpers import exit_status, fake_process_group, small_config
 
 TOL = 1e-5
 
@@ -236,18 +236,18 @@ def _without_ln_f_bias(saved):
 def test_overwrite_replaces_only_a_checkpoint(saved, tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "precious.txt").write_text("keep me")
-    assert reshard([str(saved / "tp1"), str(tmp_path / "notes"), "--overwrite"]) == 1
+    assert exit_status(reshard, [str(saved / "tp1"), str(tmp_path / "notes"), "--overwrite"]) == 2
     assert "is not a checkpoint of this project (no readable index.json" in capsys.readouterr().err
     assert (tmp_path / "notes" / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"], "the unfinished save is cleaned up"
 
 
 def test_cli_refusals(saved, tmp_path, capsys):
-    assert reshard([str(saved / "tp1"), str(saved / "tp2")]) == 1
+    assert exit_status(reshard, [str(saved / "tp1"), str(saved / "tp2")]) == 2
     assert "tp2 exists; pass --overwrite to replace it" in capsys.readouterr().err
-    assert reshard([str(saved / "tp1"), str(tmp_path / "x"), "--tp", "5"]) == 1
+    assert exit_status(reshard, [str(saved / "tp1"), str(tmp_path / "x"), "--tp", "5"]) == 2
     assert "n_head=12 is not divisible by tp=5; use tp in {1, 2, 3, 4, 6, 12}" in capsys.readouterr().err
-    assert reshard([str(tmp_path / "nothing"), str(tmp_path / "y")]) == 1
+    assert exit_status(reshard, [str(tmp_path / "nothing"), str(tmp_path / "y")]) == 2
     assert "nothing does not exist" in capsys.readouterr().err
     shutil.copytree(saved / "tp1", tmp_path / "z")
     assert reshard([str(saved / "tp2"), str(tmp_path / "z"), "--tp", "2", "--overwrite"]) == 0

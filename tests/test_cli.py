@@ -13,11 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from dtensor_gpt import comm, reshard
+from dtensor_gpt import GPT, comm, reshard, save_checkpoint
 from dtensor_gpt.data import TextData
-from dtensor_gpt.tokenizers import META_BYTES, chars_from_meta
-from helpers import write_text
+from dtensor_gpt.format import CheckpointError
+from dtensor_gpt.sources import open_source
+from dtensor_gpt.tokenizers import META_BYTES, BPETokenizer, chars_from_meta
+from helpers import exit_status, small_config, write_ranks, write_text
 from plans import PLANS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +166,92 @@ def test_a_bad_argument_is_one_error_line(script, argv, message, text, capsys, m
     assert exit.value.code == 2
     assert f"error: {message}" in err, err
     assert err.count("error:") == 1 and err.startswith("usage:") and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small checkpoint (n_head=12) and, beside it, a folder of notes that is none."""
+    root = tmp_path_factory.mktemp("reshard")
+    torch.manual_seed(0)
+    save_checkpoint(GPT(small_config()), str(root / "ckpt"))
+    (root / "notes").mkdir()
+    (root / "notes" / "precious.txt").write_text("keep me")
+    return root
+
+
+RESHARD = [
+    (["ckpt", "out", "--tp", "0"], "argument --tp: '0' is not a whole number of at least 1"),
+    (["ckpt", "out", "--tp", "-1"], "argument --tp: '-1' is not a whole number of at least 1"),
+    (["ckpt", "out", "--tp", "1000000"], "ROOT/ckpt: n_head=12 is not divisible by tp=1000000; use tp in {1, 2, 3, 4, 6, 12}"),
+    (["ckpt", "out", "--to", "hf", "--tp", "2"],
+     "--tp 2 applies to --to native only: a --to hf export holds the whole model, as --tp 1 does; drop --tp"),
+    (["ckpt", "out", "--to", "nanogpt", "--tp", "4"], "--tp 4 applies to --to native only: a --to nanogpt export"),
+    (["missing", "out"], "ROOT/missing does not exist"),
+    (["ckpt", "ckpt", "--overwrite"], "the destination ROOT/ckpt is the source ROOT/ckpt"),
+    (["ckpt", "notes"], "ROOT/notes exists; pass --overwrite to replace it"),
+    (["ckpt", "notes", "--overwrite"], "ROOT/notes is not a checkpoint of this project (no readable index.json"),
+    (["ckpt", "notes", "--overwrite", "--to", "hf"], "ROOT/notes holds ['precious.txt'], which a --to hf export does not write"),
+]
+
+
+@pytest.mark.parametrize("argv, message", RESHARD)
+def test_a_bad_reshard_argument_is_one_error_line(argv, message, checkpoint, capsys):
+    """Values argparse refuses, and those the paths they name refuse, alike: exit status 2, nothing written."""
+    argv = [str(checkpoint / a) if i < 2 else a for i, a in enumerate(argv)]
+    assert exit_status(reshard.main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message.replace('ROOT', str(checkpoint))}" in err, err
+    assert err.count("error:") == 1 and err.startswith("usage:") and "Traceback" not in err
+    assert sorted(os.listdir(checkpoint)) == ["ckpt", "notes"] and os.listdir(checkpoint / "notes") == ["precious.txt"]
+
+
+@pytest.mark.parametrize("to", ["hf", "nanogpt"])
+def test_an_export_takes_tp_1(to, checkpoint, tmp_path):
+    """An export holds the whole model, which is what --tp 1 asks: the same tensors as without --tp."""
+    src = str(checkpoint / "ckpt")
+    assert reshard.main([src, str(tmp_path / "given"), "--to", to, "--tp", "1"]) == 0
+    assert reshard.main([src, str(tmp_path / "default"), "--to", to]) == 0
+    given, default, native = (open_source(str(tmp_path / "given")), open_source(str(tmp_path / "default")),
+                              open_source(src))
+    assert sorted(given.tensors) == sorted(default.tensors) == sorted(native.tensors)
+    for name, entry in native.tensors.items():
+        whole = native.read(name, 0, 0, entry["shape"][0])
+        assert torch.equal(given.read(name, 0, 0, entry["shape"][0]), whole), name
+        assert torch.equal(default.read(name, 0, 0, entry["shape"][0]), whole), name
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, capsys, monkeypatch):
+    """A text file where a checkpoint belongs: one sentence, not torch.load's advice on saving one."""
+    monkeypatch.delenv("RANK", raising=False)
+    (tmp_path / "notes.txt").write_text("ROMEO: a line of text, not a checkpoint\n")
+    notes = str(tmp_path / "notes.txt")
+    sentence = (f"{notes} is not a checkpoint directory of this project, a Hugging Face GPT-2 directory or a nanoGPT "
+                f"ckpt.pt (it is not a torch.save archive); give one of those")
+    with pytest.raises(CheckpointError) as refused:
+        generate.load_model(generate.parse_args(["--checkpoint", notes]), mesh=None)
+    assert str(refused.value) == sentence
+    assert reshard.main([notes, str(tmp_path / "out")]) == 1, "a source that cannot be read is a failed conversion"
+    assert capsys.readouterr().err == f"error: {sentence}\n"
+
+
+def test_a_tokenizer_file_that_is_no_ranks_file_is_named(text, tmp_path, monkeypatch):
+    """Binary bytes given as --tokenizer: one sentence, not the bytes; an empty file is refused the same way."""
+    monkeypatch.delenv("RANK", raising=False)
+    (tmp_path / "random.bin").write_bytes(bytes(torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0))))
+    (tmp_path / "empty.tiktoken").write_bytes(b"")
+    for name, wrong in (("random.bin", r"line \d+ is not one"), ("empty.tiktoken", "it holds none")):
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError) as refused:
+            train.tokenizer_for(train.parse_args(["--data", text, "--tokenizer", path]), None)
+        assert re.fullmatch(rf"{re.escape(path)} is not a \.tiktoken ranks file \(lines of a base64 token and its "
+                            rf"rank; {wrong}\) nor a nanoGPT meta\.pkl", str(refused.value)), str(refused.value)
+
+
+def test_a_ranks_file_is_read_anew(tmp_path):
+    """A ranks file rewritten at the same path gives its new ranks (tiktoken's loader caches by path)."""
+    path = str(tmp_path / "bpe.tiktoken")
+    assert write_ranks(path) == BPETokenizer(path).vocab_size == 262
+    assert write_ranks(path, merges=("th",)) == BPETokenizer(path).vocab_size == 258
 
 
 def test_only_rank_0_speaks(text, capsys, monkeypatch):

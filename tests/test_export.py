@@ -14,7 +14,7 @@ import torch
 from dtensor_gpt import GPT, load_checkpoint, save_checkpoint
 from dtensor_gpt.reshard import main as reshard
 from dtensor_gpt.sources import open_source
-from helpers import nanogpt_run, small_config
+from helpers import exit_status, nanogpt_run, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT = ROOT.parent / "shared" / "nanogpt"
@@ -112,12 +112,12 @@ def test_nanogpts_own_scripts_read_the_export(tmp_path):
 def test_export_refuses_tp_and_foreign_destinations(tmp_path, capsys):
     torch.manual_seed(0)
     save_checkpoint(GPT(small_config()), str(tmp_path / "native"))
-    assert reshard([str(tmp_path / "native"), str(tmp_path / "hf"), "--to", "hf", "--tp", "4"]) == 1
-    assert "--tp applies to --to native only" in capsys.readouterr().err
+    assert exit_status(reshard, [str(tmp_path / "native"), str(tmp_path / "hf"), "--to", "hf", "--tp", "4"]) == 2
+    assert "--tp 4 applies to --to native only" in capsys.readouterr().err
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "config.json").write_text("{}")
     (tmp_path / "site" / "index.html").write_text("<p>keep me</p>")
-    assert reshard([str(tmp_path / "native"), str(tmp_path / "site"), "--to", "hf", "--overwrite"]) == 1
+    assert exit_status(reshard, [str(tmp_path / "native"), str(tmp_path / "site"), "--to", "hf", "--overwrite"]) == 2
     assert "holds ['index.html'], which a --to hf export does not write" in capsys.readouterr().err
     assert (tmp_path / "site" / "index.html").read_text() == "<p>keep me</p>"
     assert reshard([str(tmp_path / "native"), str(tmp_path / "hf"), "--to", "hf"]) == 0
@@ -147,11 +147,11 @@ def test_destination_apart_from_the_source(tmp_path, capsys):
     (tmp_path / "alias").symlink_to(tmp_path / "ckpt")
     for dst, relation in ((tmp_path / "alias", "is the source"), (tmp_path, "holds the source"),
                           (tmp_path / "ckpt" / "inner", "lies inside the source")):
-        assert reshard([str(tmp_path / "ckpt"), str(dst), "--overwrite"]) == 1
+        assert exit_status(reshard, [str(tmp_path / "ckpt"), str(dst), "--overwrite"]) == 2
         assert relation in capsys.readouterr().err
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
-    assert reshard([str(tmp_path / "ckpt"), str(tmp_path / "link"), "--overwrite"]) == 1
+    assert exit_status(reshard, [str(tmp_path / "ckpt"), str(tmp_path / "link"), "--overwrite"]) == 2
     assert "is a symbolic link; refusing to replace it" in capsys.readouterr().err
     load_checkpoint(GPT(small_config()), str(tmp_path / "ckpt"))  # untouched
 
