@@ -83,6 +83,8 @@ def shown_commands(path):
 
 def invocations(command):
     """(tool, its arguments, world size) of every project tool the command line runs."""
+    if not re.search(r"(examples|benchmarks)/\w+\.py|-m dtensor_gpt\.", command):
+        return []
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     segments, current = [], []
