@@ -52,6 +52,13 @@ def test_ci_runs_the_readme_test_command():
     assert f"    {ci_command}\n" in (ROOT / "README.md").read_text()
 
 
+def test_the_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    files = [f for folder in ("dtensor_gpt", "plans", "examples", "benchmarks", "tests") for f in (ROOT / folder).glob("*.*")
+             if f.suffix in (".py", ".sh")]
+    assert not [f.name for f in files if f"{f.name}`" not in readme], "README.md's Layout misses these files"
+
+
 def shown_commands(path):
     """(line number, command text) of every code line and `python`/`torchrun` code span in a Markdown file."""
     lines = path.read_text().splitlines()
