@@ -20,6 +20,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from dtensor_gpt import GPT, parallelize
 from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.memory import saved_activation_bytes
+from machine import machine_line
 
 
 def part(module):
@@ -54,6 +55,7 @@ def main():
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     warnings.filterwarnings("ignore")
     config = config_by_name(args.config)
     print(f"| part (MiB per rank, {args.config}, batch 1, seq {args.seq}) | "

@@ -24,6 +24,7 @@ TRAIN = os.path.join(HERE, "..", "examples", "train.py")
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint  # noqa: E402
 from dtensor_gpt.data import TextData, mean_loss  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 
 def train_once(data, seed, out, nproc, extra=()):
@@ -53,6 +54,7 @@ def main():
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--dir", default=os.path.join(HERE, "out", "anchor"))
     args = parser.parse_args(argv)
+    print(machine_line(), flush=True)
     data = TextData(args.data)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:

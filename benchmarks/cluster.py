@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass
 
 from dtensor_gpt.publish import process_alive
+from machine import machine_line
 
 PREFIX = "dtgc"
 SUBNET = "10.213.0"
@@ -382,6 +383,7 @@ def main(argv=None):
     if reason:
         print(f"cluster.py: cannot run: it {reason}", file=sys.stderr)
         return 2
+    print(machine_line(), flush=True)
     try:
         rate = parse_rate(args.rate)
         with Cluster(args.nodes, rate) as cluster:

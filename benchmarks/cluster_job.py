@@ -49,6 +49,7 @@ from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.launch import exit_distributed
 from dtensor_gpt.model import KVCache
 from dtensor_gpt.sampling import VocabParallelSampler
+from machine import describe
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -389,8 +390,8 @@ def main():
     overrides = {f: getattr(args, f) for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
                  if getattr(args, f) is not None}
     config = config_by_name(args.config, **overrides)
-    result = dict(world_size=dist.get_world_size(), nodes=len({w[0] for w in where}), placement_of_ranks=where,
-                  config=args.config, overrides=overrides)
+    result = dict(machine=describe(), world_size=dist.get_world_size(), nodes=len({w[0] for w in where}),
+                  placement_of_ranks=where, config=args.config, overrides=overrides)
     rates = args.rates.split(",")
     result.update(rates=rates, repeats=args.repeats)
     if args.collectives:

@@ -289,6 +289,10 @@ def main(argv=None):
     for name, value in WORKLOAD.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), help=f"measure's workload (default {value})")
     args = parser.parse_args(argv)
+    if args.command != "report":
+        from machine import machine_line
+
+        print(machine_line(), flush=True)
     say = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
     if args.command == "report":
         from comm_cost_report import report

@@ -158,12 +158,13 @@ def links_table(results):
 
 def jobs_table(results):
     """What each job took, and the machine's load while it ran (its own processes included)."""
-    lines = ["| job | repeats | wall time | 1-min load: at start / mean / max | others' runnable threads, mean |",
-             "|---|---|---|---|---|"]
+    lines = ["| job | machine | repeats | wall time | 1-min load: at start / mean / max | others' runnable threads, mean |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
         load = r["load"]
-        lines.append(f"| {name} | {r['repeats']} | {r['seconds'] / 60:.1f} min | {load['load1_at_start']} / {load['load1_mean']} / "
-                     f"{load['load1_max']:.2f} | {load['other_runnable_mean']} |")
+        machine = r.get("machine", f"a {r['cpus']}-vCPU VM, CPU model not recorded")
+        lines.append(f"| {name} | {machine} | {r['repeats']} | {r['seconds'] / 60:.1f} min | {load['load1_at_start']} / "
+                     f"{load['load1_mean']} / {load['load1_max']:.2f} | {load['other_runnable_mean']} |")
     return "\n".join(lines)
 
 

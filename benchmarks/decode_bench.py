@@ -25,6 +25,7 @@ from dtensor_gpt import GPT, compile_decoding, parallelize  # noqa: E402
 from dtensor_gpt.configs import config_by_name  # noqa: E402
 from dtensor_gpt.model import KVCache  # noqa: E402
 from dtensor_gpt.safetensors_stream import DTYPE_NAMES  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 
 def measure(model, context, new, compile, dtype):
@@ -69,6 +70,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="compile the decoding step first")
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     options = (args.context, args.new, args.compile, args.dtype)
     torch.set_num_threads(2)
     torch.manual_seed(0)

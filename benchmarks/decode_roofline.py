@@ -41,6 +41,7 @@ from overhead_bench import HandWritten  # noqa: E402
 from dtensor_gpt import GPT, compile_decoding, parallelize  # noqa: E402
 from dtensor_gpt.configs import config_by_name  # noqa: E402
 from dtensor_gpt.sampling import VocabParallelSampler  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -183,6 +184,7 @@ def main():
     p.add_argument("--compile-modes", nargs="+", default=["default"], choices=["default", "reduce-overhead"],
                    help="Inductor modes of the compiled rows; reduce-overhead replays each block as a CUDA graph on a GPU")
     args = p.parse_args()
+    print(machine_line(), flush=True)
     if args.device == "cuda" and args.tp != [1]:
         p.error("--device cuda measures TP=1 only (one GPU)")
     print(f"{args.config}, {args.context}-token prompt, {args.new} greedy tokens, {args.device}")

@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from anchor import train_once, whole_split_loss  # noqa: E402
 from dtensor_gpt.data import TextData  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 
 def mean_sd(values):
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--tp", default="2,1", help="TP degrees (processes per run)")
     parser.add_argument("--dir", default=os.path.join(HERE, "out", "dropout"))
     args = parser.parse_args(argv)
+    print(machine_line(), flush=True)
     data = TextData(args.data, pad_to=4)
     degrees = [int(t) for t in args.tp.split(",")]
     rows = {tp: [] for tp in degrees}

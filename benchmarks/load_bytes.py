@@ -20,6 +20,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dtensor_gpt import GPT, load_checkpoint, parallelize, save_checkpoint
 from dtensor_gpt.configs import config_by_name
+from machine import machine_line
 
 
 def main():
@@ -27,6 +28,7 @@ def main():
     parser.add_argument("--config", default="gpt2")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     config = config_by_name(args.config)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(None):
         torch.manual_seed(0)

@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from distributed import run_distributed  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 
 def train_with_nanogpt(nanogpt, data, work, max_iters):
@@ -79,6 +80,7 @@ def main():
     parser.add_argument("--max-iters", type=int, default=2000)
     parser.add_argument("--dir", default=os.path.join(HERE, "out", "nanogpt_import"))
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     os.makedirs(args.dir, exist_ok=True)
     ckpt = train_with_nanogpt(os.path.abspath(args.nanogpt), os.path.abspath(args.data), args.dir, args.max_iters)
     source = nanogpt_loss(os.path.abspath(args.nanogpt), ckpt, args.data)

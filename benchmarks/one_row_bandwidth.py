@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dtensor_gpt.one_row_products import OneRowProductsAsReductions
+from machine import machine_line
 
 
 def best(fn, *args, calls=15):
@@ -38,6 +39,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    print(machine_line(), flush=True)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s); GB/s of weight or cache bytes read per call")
     print("| operation | dtype | eager | compiled with the pass |")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from distributed import run_distributed  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 
 class HandWritten:
@@ -159,6 +160,7 @@ def main():
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     print("| GPT-2 124M | DTensor plugin | hand-written | ratio |")
     print("|---|---|---|---|")
     for tp in (1, 2):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint
 from dtensor_gpt.data import TextData
 from dtensor_gpt.tokenizers import CharTokenizer
+from machine import machine_line
 
 MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "models", "shakespeare_char")
 
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=200)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     torch.set_num_threads(1)  # losses and tokens, not times: one thread holds up best on shared cores
     with open(os.path.join(MODEL, "index.json")) as f:
         index = json.load(f)

@@ -30,6 +30,7 @@ from dtensor_gpt import GPT, save_checkpoint
 from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.format import index_sha256
 from dtensor_gpt.sources import open_source
+from machine import machine_line
 
 TP = {"gpt2": 4, "gpt2-medium": 4, "gpt2-large": 4, "gpt2-xl": 5}
 
@@ -72,6 +73,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/reshard-bench")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     os.makedirs(args.dir, exist_ok=True)
     rows, notes = [], []
     for name in args.configs:

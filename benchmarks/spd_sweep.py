@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from distributed import run_distributed  # noqa: E402
 from dtensor_gpt import GPT, GPTConfig  # noqa: E402
 from dtensor_gpt.data import TextData, mean_loss  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 
 def _sweep(rank, world_size, path, config, calibration, windows):
@@ -57,6 +58,7 @@ def main():
                         help="the trained checkpoint; examples/train.py writes it there first if it is missing")
     parser.add_argument("--png")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
 
     data = TextData(args.data)
     if not os.path.exists(args.model):

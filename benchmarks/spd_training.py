@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from distributed import run_distributed  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 RUNS = [("megatron", "megatron", "all"), ("spd-half", "spd", "last:2"), ("spd-all", "spd", "all")]
 
@@ -56,6 +57,7 @@ def main():
     parser.add_argument("--seeds", default="1337,1,2")
     parser.add_argument("--dir", default=os.path.join(HERE, "out", "spd"))
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     train = os.path.join(HERE, "..", "examples", "train.py")
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
