@@ -36,6 +36,7 @@ from dtensor_gpt.format import not_a_checkpoint
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
+from dtensor_gpt.publish import release_lock, take_lock
 from plans import PLANS
 from plans.spd import spd_blocks_from_text
 
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="save checkpoints (model, optimizer, step, data order, vocabulary) here, every "
                                  "--save-interval iterations and at the end when the validation loss improved "
                                  "(default: nothing is saved)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace the checkpoint another run left in --out (without it, or --resume "
+                        "from that same --out, the run is refused before it starts)")
     p.add_argument("--save-interval", type=integer(1), help="iterations between checkpoints (default: --eval-interval)")
     p.add_argument("--always-save-checkpoint", action="store_true",
                    help="save at every --save-interval even if the validation loss did not improve (nanoGPT's "
@@ -235,12 +239,60 @@ def estimate_loss(model, data, args, generator, dp):
     return out
 
 
+@contextlib.contextmanager
+def owning(out):
+    """
+    --out for this run alone while it lives, so that two runs never replace each other's
+    checkpoints: rank 0 takes the lock beside it, every rank learns whether it did and refuses alike.
+    """
+    lock, refusal = None, [None]
+    if out and dist.get_rank() == 0:
+        try:
+            lock = take_lock(out)
+        except (ValueError, OSError) as e:
+            refusal = [str(e)]
+    if out:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise ValueError(f"--out {refusal[0]}")
+    try:
+        yield
+    finally:
+        if lock:
+            release_lock(lock)
+
+
+def saved_note(args, first, saved_at, best):
+    """Where the run's checkpoint is, and from which iteration, or why there is none."""
+    if not args.out:
+        return "nothing saved (no --out)"
+    if saved_at is not None:
+        return f"checkpoint {args.out} from iteration {saved_at}"
+    if args.max_iters == 0:
+        return "no checkpoint saved: iteration 0 is never saved (as in nanoGPT); give --max-iters above 0"
+    if args.resume and os.path.realpath(args.resume) == os.path.realpath(args.out):
+        return (f"checkpoint {args.out} still from iteration {first}: no evaluation beat its best val loss "
+                f"{best:.4f}; pass --always-save-checkpoint to save regardless")
+    baseline = "iteration 0's" if first == 0 else f"the best of --resume {args.resume},"
+    return (f"no checkpoint saved in {args.out}: no evaluation at a save point beat {baseline} val loss {best:.4f} "
+            f"(only an improvement is saved, as in nanoGPT); pass --always-save-checkpoint to save regardless")
+
+
 def train(args, mesh, say=print):
     """Train; return (model, optimizer, data, state to resume from, [loss per step], last evaluation)."""
+    with owning(args.out):
+        return _train(args, mesh, say)
+
+
+def _train(args, mesh, say):
     tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
     refusal = args.out and os.path.exists(args.out) and not_a_checkpoint(args.out)
     if refusal:  # found now, not after the run
         raise ValueError(f"--out: {refusal}")
+    continuing = args.resume and args.out and os.path.realpath(args.resume) == os.path.realpath(args.out)
+    if args.out and os.path.exists(args.out) and not (continuing or args.overwrite):
+        raise ValueError(f"--out {args.out} holds another run's checkpoint; pass --resume {args.out} to continue "
+                         f"that run or --overwrite to replace it")
     source = open_source(args.resume or args.init_from) if args.resume or args.init_from else None
     data = TextData(args.data, tokenizer_for(args, source))
     config = model_config(args, source, data)
@@ -277,7 +329,7 @@ def train(args, mesh, say=print):
             extra["chars"] = data.tokenizer.chars
         return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
 
-    losses, evaluation, start = [], None, time.time()
+    losses, evaluation, start, saved_at = [], None, time.time(), None
     steps = args.gradient_accumulation_steps
     tokens_per_step = steps * args.batch_size * args.block_size
     for it in range(first, args.max_iters + 1):
@@ -290,10 +342,12 @@ def train(args, mesh, say=print):
                 f"({time.time() - start:.0f}s)")
             if not all(math.isfinite(v) for v in evaluation.values()):
                 raise Diverged(f"the evaluation at iteration {it} gave {evaluation}", args)
-            improved, best = evaluation["val"] < best, min(best, evaluation["val"])
-            if save_point and (improved or args.always_save_checkpoint):
+            if save_point and (evaluation["val"] < best or args.always_save_checkpoint):
+                best, saved_at = min(best, evaluation["val"]), it  # nanoGPT's best: among saved checkpoints
                 save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **run_state(it))
                 say(f"saved {args.out} at iteration {it}")
+            elif it == 0:  # nanoGPT's baseline: a checkpoint must beat the untrained model, which is never saved
+                best = evaluation["val"]
         if it == args.max_iters:
             break
         # dropout masks: a pure function of (seed, iteration, data-parallel rank), so a resumed run
@@ -319,7 +373,8 @@ def train(args, mesh, say=print):
             say(f"iter {it}: loss {losses[-1]:.4f}, lr {learning_rate(it, args):.2e}, "
                 f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
     say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
-        f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}")
+        f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}; "
+        f"{saved_note(args, first, saved_at, best)}")
     return model, optimizer, data, run_state(args.max_iters), losses, evaluation
 
 

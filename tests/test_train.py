@@ -282,3 +282,95 @@ def test_out_holding_a_users_file_is_refused_before_training(tmp_path):
                               "--max-iters", "100000")
     assert "--out: " in message and "holds ['README.md'], which its index.json does not name" in message
     assert (tmp_path / "model" / "README.md").read_text() == "how this model was made"
+
+
+def _scripted(rank, world_size, vals, *argv):
+    """train() with each evaluation's losses taken in turn from `vals`; what it said."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train as script
+    from torch.distributed.device_mesh import init_device_mesh
+
+    given = iter(vals)
+    script.estimate_loss = lambda *a: dict.fromkeys(("train", "val"), next(given))
+    lines = []
+    script.train(script.parse_args(list(argv)), init_device_mesh("cpu", (world_size,)),
+                 say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    return lines
+
+
+def test_best_loss_changes_only_when_a_checkpoint_is_saved(tmp_path):
+    """
+    nanoGPT's best_val_loss is that of the saved checkpoint (iteration 0's, never saved, as the
+    baseline): an evaluation between save points must not raise the bar for the next save.
+    """
+    import json
+    import re
+
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    out = tmp_path / "ckpt"
+    vals = [3.0, 2.0, 2.5, 2.2, 2.4]  # iterations 0, 2 (no save), 4 (save point), 6 (no save), 8 (save point)
+    lines = run_distributed(_scripted, 1, vals, "--data", str(tmp_path / "text.txt"), *TINY, "--max-iters", "8",
+                            "--eval-interval", "2", "--save-interval", "4", "--out", str(out))
+    saved = [int(m[1]) for m in (re.match(r"saved .* at iteration (\d+)", l) for l in lines) if m]
+    assert saved == [4, 8], lines
+    assert json.loads((out / "index.json").read_text())["extra"]["best_val_loss"] == 2.4
+    assert lines[-1].endswith(f"; checkpoint {out} from iteration 8"), lines[-1]
+
+
+def test_a_run_that_saves_nothing_says_so(tmp_path):
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    out = tmp_path / "ckpt"
+    lines = run_distributed(_scripted, 1, [3.0, 3.1, 3.2], "--data", str(tmp_path / "text.txt"), *TINY,
+                            "--max-iters", "4", "--eval-interval", "2", "--out", str(out))
+    assert not out.exists()
+    assert lines[-1].endswith(f"; no checkpoint saved in {out}: no evaluation at a save point beat iteration 0's val "
+                              f"loss 3.0000 (only an improvement is saved, as in nanoGPT); pass "
+                              f"--always-save-checkpoint to save regardless"), lines[-1]
+
+
+def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path):
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    out = tmp_path / "ckpt"
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--max-iters", "2",
+              "--always-save-checkpoint", "--out", str(out)]
+    run_distributed(_logged, 1, *common)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    message = run_distributed(_refused, 2, *common, "--seed", "1")
+    assert message == (f"--out {out} holds another run's checkpoint; pass --resume {out} to continue that run or "
+                       f"--overwrite to replace it")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / ".ckpt.lock").exists(), "the refused run let go of --out"
+    assert run_distributed(_refused, 1, *common, "--seed", "1", "--overwrite") is None
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != before
+
+
+def test_a_live_runs_out_is_refused_and_a_dead_ones_taken_over(tmp_path, capfd):
+    """Two runs on one --out: the second is refused before iteration 0, on every rank alike."""
+    import os
+    import socket
+    import subprocess
+
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    lock = tmp_path / ".ckpt.lock"
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--max-iters", "2",
+              "--always-save-checkpoint", "--out", str(tmp_path / "ckpt")]
+    host = socket.gethostname()
+    lock.write_text(f"{os.getpid()}@{host}")  # this test's process: alive
+    message = run_distributed(_refused, 2, *common)
+    assert message.startswith(f"--out {tmp_path / 'ckpt'} is in use by another run (pid {os.getpid()} on {host}, "
+                              f"per {lock}); wait for it to end"), message
+    assert not (tmp_path / "ckpt").exists() and lock.read_text() == f"{os.getpid()}@{host}"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{gone.pid}@{host}")
+    assert run_distributed(_refused, 2, *common) is None
+    assert f"note: took over {lock} from pid {gone.pid}, which no longer runs" in capfd.readouterr().err
+    assert (tmp_path / "ckpt" / "index.json").exists() and not lock.exists(), "saved, and the lock released at exit"
