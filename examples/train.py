@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
+from dtensor_gpt.checkpoint import optimizer_groups, params_by_id
 from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
@@ -171,6 +172,51 @@ def model_config(args, source, data):
     return GPTConfig(**saved, dropout=args.dropout)
 
 
+# the learning-rate schedule's settings: flag, and the name in a nanoGPT ckpt.pt's config
+SCHEDULE = dict(lr=("--lr", "learning_rate"), min_lr=("--min-lr", "min_lr"), warmup_iters=("--warmup-iters", "warmup_iters"),
+                lr_decay_iters=("--lr-decay-iters", "lr_decay_iters"))
+EMBEDDINGS = {"transformer.wte.weight", "transformer.wpe.weight"}
+
+
+def refuse_another_run(args, source, model, optimizer):
+    """
+    --resume continues its run only with that run's optimizer: the schedule's settings (saved
+    in `extra`, or a nanoGPT ckpt.pt's config) and each AdamW group's hyperparameters and
+    parameters (the index's optimizer_groups, or the ckpt.pt's param_groups). The current lr
+    is the schedule's, so it is not compared; a setting the checkpoint lacks is not either.
+    """
+    def differs(flag, saved, given):
+        return ValueError(f"--resume {args.resume} ran with {flag} {saved}, this run with {flag} {given}; "
+                          f"pass {flag} {saved} to continue it")
+
+    nanogpt = source.extra.get("nanogpt", {}).get("config", {})
+    for field, (flag, theirs) in SCHEDULE.items():
+        saved = source.extra.get(field, nanogpt.get(theirs))
+        if saved is not None and saved != getattr(args, field):
+            raise differs(flag, saved, getattr(args, field))
+    saved, ours = source.optimizer_groups, optimizer_groups(optimizer, params_by_id(model))
+    if saved is None:
+        return
+    if [set(g["params"]) for g in saved] != [set(g["params"]) for g in ours]:
+        if len(saved) == 2 and set(saved[0]["params"]) ^ set(ours[0]["params"]) == EMBEDDINGS:
+            if args.embedding_decay:
+                raise ValueError(f"--resume {args.resume} does not decay wte and wpe, this run does; pass "
+                                 f"--no-embedding-decay to continue it")
+            raise ValueError(f"--resume {args.resume} decays wte and wpe, this run (--no-embedding-decay) does not; "
+                             f"leave out --no-embedding-decay to continue it")
+        raise ValueError(f"--resume {args.resume} groups its parameters for AdamW otherwise than this train.py "
+                         f"(decayed, then not); it cannot be continued here")
+    for i, (theirs, mine) in enumerate(zip(saved, ours)):
+        for name, flag, pick in (("weight_decay", "--weight-decay" if i == 0 else None, lambda g: g["weight_decay"]),
+                                 ("beta1", None, lambda g: g["betas"][0]), ("beta2", "--beta2", lambda g: g["betas"][1]),
+                                 ("eps", None, lambda g: g["eps"])):
+            if pick(theirs) != pick(mine):
+                if flag:
+                    raise differs(flag, pick(theirs), pick(mine))
+                raise ValueError(f"--resume {args.resume} ran AdamW's group {i} with {name} {pick(theirs)}, which "
+                                 f"this train.py does not set (it uses {pick(mine)}); it cannot be continued here")
+
+
 def tokenizer_for(args, source):
     """--tokenizer, or a checkpoint's own characters."""
     if args.tokenizer.endswith(".pkl"):
@@ -298,6 +344,8 @@ def _train(args, mesh, say):
     config = model_config(args, source, data)
     vars(args).update({f: getattr(config, f) for f in NEW_MODEL})  # batches and the saved run use these
     model, optimizer = build(args, config, mesh)
+    if args.resume:
+        refuse_another_run(args, source, model, optimizer)
     dp = DataParallel(mesh)
     batches = torch.Generator().manual_seed(args.seed)
     evals = torch.Generator().manual_seed(args.seed + 1)
@@ -310,10 +358,6 @@ def _train(args, mesh, say):
         first = saved["extra"].get("iter", saved["extra"].get("nanogpt", {}).get("iter_num", 0))
         if first >= args.max_iters:
             raise ValueError(f"--resume {args.resume} is at iteration {first}; pass --max-iters above it")
-        decay = saved["extra"].get("lr_decay_iters", args.lr_decay_iters)
-        if args.lr_decay_iters != decay:
-            raise ValueError(f"--resume {args.resume} decays the learning rate over {decay} "
-                             f"iterations; pass --lr-decay-iters {decay} to continue it")
         if "batch_rng" in saved["extra_tensors"]:  # a nanoGPT run keeps no data order: batches start afresh
             batches.set_state(saved["extra_tensors"]["batch_rng"])
             evals.set_state(saved["extra_tensors"]["eval_rng"])
@@ -323,7 +367,7 @@ def _train(args, mesh, say):
 
     def run_state(it):
         """What --resume needs to continue from iteration `it` exactly."""
-        extra = {"iter": it, "lr_decay_iters": args.lr_decay_iters, "best_val_loss": best,
+        extra = {"iter": it, **{f: getattr(args, f) for f in SCHEDULE}, "best_val_loss": best,
                  "dataset": os.path.splitext(os.path.basename(args.data))[0]}
         if isinstance(data.tokenizer, CharTokenizer):
             extra["chars"] = data.tokenizer.chars

@@ -374,3 +374,41 @@ def test_a_live_runs_out_is_refused_and_a_dead_ones_taken_over(tmp_path, capfd):
     assert run_distributed(_refused, 2, *common) is None
     assert f"note: took over {lock} from pid {gone.pid}, which no longer runs" in capfd.readouterr().err
     assert (tmp_path / "ckpt" / "index.json").exists() and not lock.exists(), "saved, and the lock released at exit"
+
+
+def _refusals(rank, world_size, common, *variants):
+    """_refused's answer for each of `variants` (extra flags over `common`), in one process."""
+    return [_refused(rank, world_size, *common, *variant) for variant in variants]
+
+
+def test_resume_refuses_other_optimizer_settings(tmp_path):
+    """The saved AdamW groups and schedule are the run's: another value would silently depart from it."""
+    from helpers import nanogpt_run, small_config, write_text
+
+    chars = write_text(tmp_path / "text.txt")
+    ours = tmp_path / "ckpt"
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--max-iters", "2"]
+    run_distributed(_logged, 1, *common, "--always-save-checkpoint", "--out", str(ours))
+    resume = [*common[:-1], "4", "--resume", str(ours)]
+    assert run_distributed(_refusals, 1, resume, ["--beta2", "0.95"], ["--weight-decay", "0.2"],
+                           ["--no-embedding-decay"], ["--lr", "2e-3"], ["--warmup-iters", "7"], []) == [
+        f"--resume {ours} ran with --beta2 0.99, this run with --beta2 0.95; pass --beta2 0.99 to continue it",
+        f"--resume {ours} ran with --weight-decay 0.1, this run with --weight-decay 0.2; pass --weight-decay 0.1 to continue it",
+        f"--resume {ours} decays wte and wpe, this run (--no-embedding-decay) does not; leave out "
+        f"--no-embedding-decay to continue it",
+        f"--resume {ours} ran with --lr 0.001, this run with --lr 0.002; pass --lr 0.001 to continue it",
+        f"--resume {ours} ran with --warmup-iters 5, this run with --warmup-iters 7; pass --warmup-iters 5 to continue it",
+        None,
+    ]
+    # a nanoGPT ckpt.pt: its param_groups (nanoGPT's grouping, betas, weight decay) and its config's schedule
+    nanogpt_run(tmp_path / "run", small_config(vocab_size=65), chars=chars, iter_num=3)
+    resume = ["--data", str(tmp_path / "text.txt"), "--resume", str(tmp_path / "run"), "--max-iters", "4",
+              "--eval-iters", "1", "--batch-size", "2"]
+    assert run_distributed(_refusals, 1, resume, ["--lr-decay-iters", "2000", "--beta2", "0.95"], [],
+                           ["--lr-decay-iters", "2000", "--no-embedding-decay"]) == [
+        f"--resume {tmp_path / 'run'} ran with --beta2 0.99, this run with --beta2 0.95; pass --beta2 0.99 to continue it",
+        f"--resume {tmp_path / 'run'} ran with --lr-decay-iters 2000, this run with --lr-decay-iters 4; pass "
+        f"--lr-decay-iters 2000 to continue it",
+        f"--resume {tmp_path / 'run'} decays wte and wpe, this run (--no-embedding-decay) does not; leave out "
+        f"--no-embedding-decay to continue it",
+    ]
