@@ -33,6 +33,7 @@ from dtensor_gpt.checkpoint import optimizer_groups, params_by_id
 from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
+from dtensor_gpt.memory import available_bytes, training_step_bytes
 from dtensor_gpt.format import not_a_checkpoint
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
@@ -217,6 +218,30 @@ def refuse_another_run(args, source, model, optimizer):
                                  f"this train.py does not set (it uses {pick(mine)}); it cannot be continued here")
 
 
+def memory_note(args, config, mesh):
+    """
+    Refuse a step that cannot fit (`training_step_bytes` per process, the processes of this
+    machine together, against its available memory; the least any rank sees), else say what it takes.
+    """
+    tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    sharing = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = training_step_bytes(config, args.batch_size, tp, args.dp)
+    have = torch.tensor([available_bytes(device) or math.inf], dtype=torch.float64, device=device)
+    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    have = have.item() / sharing
+    if need > have:
+        fixed, per_row = training_step_bytes(config, 0, tp, args.dp), training_step_bytes(config, args.dp, tp, args.dp)
+        rows = int((have - fixed) // (per_row - fixed)) * args.dp
+        fix = (f"use a smaller --batch-size with --gradient-accumulation-steps (e.g. --batch-size {rows} "
+               f"--gradient-accumulation-steps {math.ceil(args.batch_size / rows)})" if rows > 0 else
+               "the model alone does not fit: use a smaller one, or more processes")
+        raise ValueError(f"a training step of --batch-size {args.batch_size} needs about {need / 1e6:,.0f} MB per "
+                         f"process but {have / 1e6:,.0f} MB are available to each; {fix}")
+    return f"a step needs about {need / 1e6:,.0f} MB per process, " + (
+        f"of {have / 1e6:,.0f} MB available to each" if math.isfinite(have) else "available memory unknown")
+
+
 def tokenizer_for(args, source):
     """--tokenizer, or a checkpoint's own characters."""
     if args.tokenizer.endswith(".pkl"):
@@ -343,6 +368,7 @@ def _train(args, mesh, say):
     data = TextData(args.data, tokenizer_for(args, source))
     config = model_config(args, source, data)
     vars(args).update({f: getattr(config, f) for f in NEW_MODEL})  # batches and the saved run use these
+    memory = memory_note(args, config, mesh)
     model, optimizer = build(args, config, mesh)
     if args.resume:
         refuse_another_run(args, source, model, optimizer)
@@ -373,6 +399,8 @@ def _train(args, mesh, say):
             extra["chars"] = data.tokenizer.chars
         return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
 
+    say(f"training iterations {first} to {args.max_iters} ({memory})"
+        f"{f'; first an evaluation of {args.eval_iters} batches per split' if first == 0 else ''}")
     losses, evaluation, start, saved_at = [], None, time.time(), None
     steps = args.gradient_accumulation_steps
     tokens_per_step = steps * args.batch_size * args.block_size

@@ -235,11 +235,13 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     from helpers import write_text
 
     write_text(tmp_path / "text.txt")
-    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--out", str(tmp_path / "ckpt")]
+    # a schedule --resume accepts: warm-up to 1e-3 by iteration 3, then "decaying" towards 1e30, ~2.5e24 at iteration 4
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--out", str(tmp_path / "ckpt"),
+              "--lr", "1e-3", "--min-lr", "1e30", "--warmup-iters", "3", "--lr-decay-iters", "1000"]
     run_distributed(_logged, 2, *common, "--max-iters", "4", "--always-save-checkpoint")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     lines = run_distributed(_logged, 2, *common, "--resume", str(tmp_path / "ckpt"), "--max-iters", "12",
-                            "--lr", "1e30", "--warmup-iters", "0", "--save-interval", "1", "--always-save-checkpoint")
+                            "--save-interval", "1", "--always-save-checkpoint")
     assert "the run diverged and stops" in lines[-1] and "keeps the last good checkpoint" in lines[-1], lines[-3:]
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
 
@@ -412,3 +414,69 @@ def test_resume_refuses_other_optimizer_settings(tmp_path):
         f"--resume {tmp_path / 'run'} decays wte and wpe, this run (--no-embedding-decay) does not; leave out "
         f"--no-embedding-decay to continue it",
     ]
+
+
+def test_a_steps_memory_estimate_is_the_hand_count():
+    """
+    Against what the model's backward really saves (memory.saved_activation_bytes, through autograd's
+    hooks) and the parameters each rank holds, unparallelized and under megatron at TP=2.
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from dtensor_gpt import GPT, GPTConfig, parallelize
+    from dtensor_gpt.memory import activation_bytes, parameter_count, saved_activation_bytes, training_step_bytes
+    from helpers import fake_process_group, local_parameter_bytes
+
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=8, vocab_size=12, bias=True, dropout=0.0)
+    x = torch.randint(0, 12, (3, 8), generator=torch.Generator().manual_seed(0))
+    model = GPT(config)
+    # per token, in 4-byte words: each block 17*32 + 4 heads + 4, then 32+2 (ln_f) + 32 (lm_head) + 2 (ids)
+    # + 2*12 + 2 (log-softmax twice, targets); 8 int64 positions; the loss
+    assert activation_bytes(config, 3) == 4 * 24 * (2 * 552 + 34 + 32 + 2 + 26) + 64 + 4
+    assert activation_bytes(config, 3) == sum(saved_activation_bytes(model, x, x).values())
+    assert parameter_count(config) == sum(p.numel() for p in model.parameters())
+    with fake_process_group(2):
+        tp = parallelize(GPT(config), init_device_mesh("cpu", (2,)), "megatron", loss_parallel=True)
+        with loss_parallel():
+            assert activation_bytes(config, 3, tp=2) == sum(saved_activation_bytes(tp, x, x).values())
+        assert 4 * parameter_count(config, tp=2) == local_parameter_bytes(tp)
+    # weights, gradients, two AdamW moments; activations; logits and their gradient: at dp=2 half the rows
+    assert training_step_bytes(config, 6, tp=2, dp=2) == (16 * parameter_count(config, 2, 2)
+                                                         + activation_bytes(config, 3, 2) + 2 * 4 * 3 * 8 * 6)
+
+
+def _memory_said(rank, world_size, available, *argv):
+    """train() with `available` bytes free: (what it said, the error that stopped it or None)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train as script
+    from torch.distributed.device_mesh import init_device_mesh
+
+    script.available_bytes = lambda device: available
+    lines = []
+    try:
+        script.train(script.parse_args(list(argv)), init_device_mesh("cpu", (world_size,)),
+                     say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    except ValueError as e:
+        return lines, str(e)
+    return lines, None
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_starts(tmp_path):
+    from dtensor_gpt import GPTConfig
+    from dtensor_gpt.memory import training_step_bytes
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=65)
+    flags = ["--data", str(tmp_path / "text.txt"), *TINY, "--max-iters", "1", "--eval-iters", "1"]
+    need, room = training_step_bytes(config, 1000, tp=2), training_step_bytes(config, 100, tp=2)
+    lines, error = run_distributed(_memory_said, 2, room, *flags, "--batch-size", "1000")
+    assert lines == [] and error == (
+        f"a training step of --batch-size 1000 needs about {need / 1e6:,.0f} MB per process but {room / 1e6:,.0f} MB "
+        f"are available to each; use a smaller --batch-size with --gradient-accumulation-steps (e.g. --batch-size 100 "
+        f"--gradient-accumulation-steps 10)"), error
+    lines, error = run_distributed(_memory_said, 1, 10**12, *flags)
+    assert error is None and lines[0].startswith("training iterations 0 to 1 (a step needs about "), lines[:2]
+    assert lines[0].endswith("; first an evaluation of 1 batches per split") and lines[1].startswith("step 0:"), lines[:2]
