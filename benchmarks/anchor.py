@@ -30,7 +30,7 @@ from machine import machine_line  # noqa: E402
 def train_once(data, seed, out, nproc, extra=()):
     """Run examples/train.py under torchrun; return (its final val loss on 20 random batches, seconds)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               TRAIN, "--data", data, "--seed", str(seed), "--out", out, "--always-save-checkpoint", *extra]
+               TRAIN, "--data", data, "--seed", str(seed), "--out", out, "--always-save-checkpoint", "--overwrite", *extra]
     log = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     final = re.search(r"trained to iteration \d+ in (\d+)s; final val loss ([\d.]+)", log)
     return float(final.group(2)), int(final.group(1))

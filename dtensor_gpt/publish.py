@@ -4,9 +4,11 @@ Writing a directory so that it appears whole or not at all, and replaces only wh
 Everything is written into a temporary directory beside the destination, fsynced, and
 renamed into place at the end; a process killed on the way leaves a temporary directory
 that names it (pid and host), which the next writer to the same destination removes.
-Checkpoint saves, training runs and the converter all publish through here.
+Checkpoint saves, training runs and the converter all publish through here. A training run
+owns its destination while it lives through a lock file beside it (`take_lock`).
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -133,3 +135,41 @@ def publish(tmp, path, overwrite, replaceable):
     else:
         os.rename(tmp, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def take_lock(path):
+    """
+    Own `path` while this process lives: `.<name>.lock` beside it, holding pid@host, created
+    with O_CREAT|O_EXCL so that of two processes only one gets it. A lock whose process is
+    gone (this host, pid not running) is taken over with a note on stderr; a live owner's, or
+    one on another host, is refused naming it. Returns the lock file's path for `release_lock`.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    lock = os.path.join(parent, f".{name}.lock")
+    os.makedirs(parent, exist_ok=True)
+    host = socket.gethostname()
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with open(lock) as f:
+                pid, _, owner_host = f.read().partition("@")
+            if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):  # another newcomer removed it first
+                    os.remove(lock)
+                print(f"note: took over {lock} from pid {pid}, which no longer runs", file=sys.stderr)
+                continue
+            raise ValueError(f"{path} is in use by another run (pid {pid or '?'} on {owner_host or '?'}, per {lock}); "
+                             f"wait for it to end, give another path, or remove {lock} if that process is gone")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}@{host}")
+        return lock
+
+
+def release_lock(lock):
+    """Remove `lock` if this process still holds it (a newcomer may have taken over a lock it wrongly thought dead)."""
+    with contextlib.suppress(FileNotFoundError):
+        with open(lock) as f:
+            mine = f.read() == f"{os.getpid()}@{socket.gethostname()}"
+        if mine:
+            os.remove(lock)

@@ -9,10 +9,29 @@ import pickletools
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
+def not_a_vocabulary(chars):
+    """
+    Why `chars` cannot be a character vocabulary, or None: a repeated character would decode two
+    ids alike and encode to one of them; a longer string is never produced by splitting text.
+    """
+    seen = {}
+    for i, c in enumerate(chars):
+        if not (isinstance(c, str) and len(c) == 1):
+            return f"entry {i} is {c!r}, not a single character"
+        if c in seen:
+            return f"entry {i}, {c!r}, repeats entry {seen[c]}"
+        seen[c] = i
+    return None
+
+
 class CharTokenizer:
     """One id per character, in the order given (nanoGPT's shakespeare_char: sorted characters)."""
 
     def __init__(self, chars):
+        problem = not_a_vocabulary(chars)
+        if problem:
+            raise ValueError(f"the character vocabulary's {problem}: each id must stand for its own single character; "
+                             f"give the vocabulary the model was trained with")
         self.chars, self.stoi = list(chars), {c: i for i, c in enumerate(chars)}
         self.vocab_size = len(self.chars)
 
@@ -61,8 +80,9 @@ def chars_from_meta(path):
         meta = _PlainDataUnpickler(io.BytesIO(data)).load()
         itos = meta["itos"]
         chars = [itos[i] for i in range(len(itos))]
-        if not all(isinstance(c, str) for c in chars):
-            raise TypeError("its itos holds values that are not characters")
+        problem = not_a_vocabulary(chars)
+        if problem:
+            raise TypeError(f"its itos {problem}")
         return chars
     except (pickle.UnpicklingError, ValueError, KeyError, TypeError, EOFError) as e:
         raise ValueError(f"{path} is not a nanoGPT character meta.pkl ({e})") from None

@@ -29,13 +29,16 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
+from dtensor_gpt.checkpoint import optimizer_groups, params_by_id
 from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
+from dtensor_gpt.memory import available_bytes, training_step_bytes
 from dtensor_gpt.format import not_a_checkpoint
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
+from dtensor_gpt.publish import release_lock, take_lock
 from plans import PLANS
 from plans.spd import spd_blocks_from_text
 
@@ -52,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="save checkpoints (model, optimizer, step, data order, vocabulary) here, every "
                                  "--save-interval iterations and at the end when the validation loss improved "
                                  "(default: nothing is saved)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace the checkpoint another run left in --out (without it, or --resume "
+                        "from that same --out, the run is refused before it starts)")
     p.add_argument("--save-interval", type=integer(1), help="iterations between checkpoints (default: --eval-interval)")
     p.add_argument("--always-save-checkpoint", action="store_true",
                    help="save at every --save-interval even if the validation loss did not improve (nanoGPT's "
@@ -167,6 +173,75 @@ def model_config(args, source, data):
     return GPTConfig(**saved, dropout=args.dropout)
 
 
+# the learning-rate schedule's settings: flag, and the name in a nanoGPT ckpt.pt's config
+SCHEDULE = dict(lr=("--lr", "learning_rate"), min_lr=("--min-lr", "min_lr"), warmup_iters=("--warmup-iters", "warmup_iters"),
+                lr_decay_iters=("--lr-decay-iters", "lr_decay_iters"))
+EMBEDDINGS = {"transformer.wte.weight", "transformer.wpe.weight"}
+
+
+def refuse_another_run(args, source, model, optimizer):
+    """
+    --resume continues its run only with that run's optimizer: the schedule's settings (saved
+    in `extra`, or a nanoGPT ckpt.pt's config) and each AdamW group's hyperparameters and
+    parameters (the index's optimizer_groups, or the ckpt.pt's param_groups). The current lr
+    is the schedule's, so it is not compared; a setting the checkpoint lacks is not either.
+    """
+    def differs(flag, saved, given):
+        return ValueError(f"--resume {args.resume} ran with {flag} {saved}, this run with {flag} {given}; "
+                          f"pass {flag} {saved} to continue it")
+
+    nanogpt = source.extra.get("nanogpt", {}).get("config", {})
+    for field, (flag, theirs) in SCHEDULE.items():
+        saved = source.extra.get(field, nanogpt.get(theirs))
+        if saved is not None and saved != getattr(args, field):
+            raise differs(flag, saved, getattr(args, field))
+    saved, ours = source.optimizer_groups, optimizer_groups(optimizer, params_by_id(model))
+    if saved is None:
+        return
+    if [set(g["params"]) for g in saved] != [set(g["params"]) for g in ours]:
+        if len(saved) == 2 and set(saved[0]["params"]) ^ set(ours[0]["params"]) == EMBEDDINGS:
+            if args.embedding_decay:
+                raise ValueError(f"--resume {args.resume} does not decay wte and wpe, this run does; pass "
+                                 f"--no-embedding-decay to continue it")
+            raise ValueError(f"--resume {args.resume} decays wte and wpe, this run (--no-embedding-decay) does not; "
+                             f"leave out --no-embedding-decay to continue it")
+        raise ValueError(f"--resume {args.resume} groups its parameters for AdamW otherwise than this train.py "
+                         f"(decayed, then not); it cannot be continued here")
+    for i, (theirs, mine) in enumerate(zip(saved, ours)):
+        for name, flag, pick in (("weight_decay", "--weight-decay" if i == 0 else None, lambda g: g["weight_decay"]),
+                                 ("beta1", None, lambda g: g["betas"][0]), ("beta2", "--beta2", lambda g: g["betas"][1]),
+                                 ("eps", None, lambda g: g["eps"])):
+            if pick(theirs) != pick(mine):
+                if flag:
+                    raise differs(flag, pick(theirs), pick(mine))
+                raise ValueError(f"--resume {args.resume} ran AdamW's group {i} with {name} {pick(theirs)}, which "
+                                 f"this train.py does not set (it uses {pick(mine)}); it cannot be continued here")
+
+
+def memory_note(args, config, mesh):
+    """
+    Refuse a step that cannot fit (`training_step_bytes` per process, the processes of this
+    machine together, against its available memory; the least any rank sees), else say what it takes.
+    """
+    tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    sharing = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = training_step_bytes(config, args.batch_size, tp, args.dp)
+    have = torch.tensor([available_bytes(device) or math.inf], dtype=torch.float64, device=device)
+    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    have = have.item() / sharing
+    if need > have:
+        fixed, per_row = training_step_bytes(config, 0, tp, args.dp), training_step_bytes(config, args.dp, tp, args.dp)
+        rows = int((have - fixed) // (per_row - fixed)) * args.dp
+        fix = (f"use a smaller --batch-size with --gradient-accumulation-steps (e.g. --batch-size {rows} "
+               f"--gradient-accumulation-steps {math.ceil(args.batch_size / rows)})" if rows > 0 else
+               "the model alone does not fit: use a smaller one, or more processes")
+        raise ValueError(f"a training step of --batch-size {args.batch_size} needs about {need / 1e6:,.0f} MB per "
+                         f"process but {have / 1e6:,.0f} MB are available to each; {fix}")
+    return f"a step needs about {need / 1e6:,.0f} MB per process, " + (
+        f"of {have / 1e6:,.0f} MB available to each" if math.isfinite(have) else "available memory unknown")
+
+
 def tokenizer_for(args, source):
     """--tokenizer, or a checkpoint's own characters."""
     if args.tokenizer.endswith(".pkl"):
@@ -235,17 +310,68 @@ def estimate_loss(model, data, args, generator, dp):
     return out
 
 
+@contextlib.contextmanager
+def owning(out):
+    """
+    --out for this run alone while it lives, so that two runs never replace each other's
+    checkpoints: rank 0 takes the lock beside it, every rank learns whether it did and refuses alike.
+    """
+    lock, refusal = None, [None]
+    if out and dist.get_rank() == 0:
+        try:
+            lock = take_lock(out)
+        except (ValueError, OSError) as e:
+            refusal = [str(e)]
+    if out:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise ValueError(f"--out {refusal[0]}")
+    try:
+        yield
+    finally:
+        if lock:
+            release_lock(lock)
+
+
+def saved_note(args, first, saved_at, best):
+    """Where the run's checkpoint is, and from which iteration, or why there is none."""
+    if not args.out:
+        return "nothing saved (no --out)"
+    if saved_at is not None:
+        return f"checkpoint {args.out} from iteration {saved_at}"
+    if args.max_iters == 0:
+        return "no checkpoint saved: iteration 0 is never saved (as in nanoGPT); give --max-iters above 0"
+    if args.resume and os.path.realpath(args.resume) == os.path.realpath(args.out):
+        return (f"checkpoint {args.out} still from iteration {first}: no evaluation beat its best val loss "
+                f"{best:.4f}; pass --always-save-checkpoint to save regardless")
+    baseline = "iteration 0's" if first == 0 else f"the best of --resume {args.resume},"
+    return (f"no checkpoint saved in {args.out}: no evaluation at a save point beat {baseline} val loss {best:.4f} "
+            f"(only an improvement is saved, as in nanoGPT); pass --always-save-checkpoint to save regardless")
+
+
 def train(args, mesh, say=print):
     """Train; return (model, optimizer, data, state to resume from, [loss per step], last evaluation)."""
+    with owning(args.out):
+        return _train(args, mesh, say)
+
+
+def _train(args, mesh, say):
     tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
     refusal = args.out and os.path.exists(args.out) and not_a_checkpoint(args.out)
     if refusal:  # found now, not after the run
         raise ValueError(f"--out: {refusal}")
+    continuing = args.resume and args.out and os.path.realpath(args.resume) == os.path.realpath(args.out)
+    if args.out and os.path.exists(args.out) and not (continuing or args.overwrite):
+        raise ValueError(f"--out {args.out} holds another run's checkpoint; pass --resume {args.out} to continue "
+                         f"that run or --overwrite to replace it")
     source = open_source(args.resume or args.init_from) if args.resume or args.init_from else None
     data = TextData(args.data, tokenizer_for(args, source))
     config = model_config(args, source, data)
     vars(args).update({f: getattr(config, f) for f in NEW_MODEL})  # batches and the saved run use these
+    memory = memory_note(args, config, mesh)
     model, optimizer = build(args, config, mesh)
+    if args.resume:
+        refuse_another_run(args, source, model, optimizer)
     dp = DataParallel(mesh)
     batches = torch.Generator().manual_seed(args.seed)
     evals = torch.Generator().manual_seed(args.seed + 1)
@@ -258,10 +384,6 @@ def train(args, mesh, say=print):
         first = saved["extra"].get("iter", saved["extra"].get("nanogpt", {}).get("iter_num", 0))
         if first >= args.max_iters:
             raise ValueError(f"--resume {args.resume} is at iteration {first}; pass --max-iters above it")
-        decay = saved["extra"].get("lr_decay_iters", args.lr_decay_iters)
-        if args.lr_decay_iters != decay:
-            raise ValueError(f"--resume {args.resume} decays the learning rate over {decay} "
-                             f"iterations; pass --lr-decay-iters {decay} to continue it")
         if "batch_rng" in saved["extra_tensors"]:  # a nanoGPT run keeps no data order: batches start afresh
             batches.set_state(saved["extra_tensors"]["batch_rng"])
             evals.set_state(saved["extra_tensors"]["eval_rng"])
@@ -271,13 +393,15 @@ def train(args, mesh, say=print):
 
     def run_state(it):
         """What --resume needs to continue from iteration `it` exactly."""
-        extra = {"iter": it, "lr_decay_iters": args.lr_decay_iters, "best_val_loss": best,
+        extra = {"iter": it, **{f: getattr(args, f) for f in SCHEDULE}, "best_val_loss": best,
                  "dataset": os.path.splitext(os.path.basename(args.data))[0]}
         if isinstance(data.tokenizer, CharTokenizer):
             extra["chars"] = data.tokenizer.chars
         return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
 
-    losses, evaluation, start = [], None, time.time()
+    say(f"training iterations {first} to {args.max_iters} ({memory})"
+        f"{f'; first an evaluation of {args.eval_iters} batches per split' if first == 0 else ''}")
+    losses, evaluation, start, saved_at = [], None, time.time(), None
     steps = args.gradient_accumulation_steps
     tokens_per_step = steps * args.batch_size * args.block_size
     for it in range(first, args.max_iters + 1):
@@ -290,10 +414,12 @@ def train(args, mesh, say=print):
                 f"({time.time() - start:.0f}s)")
             if not all(math.isfinite(v) for v in evaluation.values()):
                 raise Diverged(f"the evaluation at iteration {it} gave {evaluation}", args)
-            improved, best = evaluation["val"] < best, min(best, evaluation["val"])
-            if save_point and (improved or args.always_save_checkpoint):
+            if save_point and (evaluation["val"] < best or args.always_save_checkpoint):
+                best, saved_at = min(best, evaluation["val"]), it  # nanoGPT's best: among saved checkpoints
                 save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **run_state(it))
                 say(f"saved {args.out} at iteration {it}")
+            elif it == 0:  # nanoGPT's baseline: a checkpoint must beat the untrained model, which is never saved
+                best = evaluation["val"]
         if it == args.max_iters:
             break
         # dropout masks: a pure function of (seed, iteration, data-parallel rank), so a resumed run
@@ -319,7 +445,8 @@ def train(args, mesh, say=print):
             say(f"iter {it}: loss {losses[-1]:.4f}, lr {learning_rate(it, args):.2e}, "
                 f"{tokens_per_step * (it + 1 - first) / max(elapsed, 1e-9):,.0f} tokens/s")
     say(f"trained to iteration {args.max_iters} in {time.time() - start:.0f}s; "
-        f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}")
+        f"final val loss {evaluation['val']:.4f}, plan {args.plan}, dp={dp.size}, tp={tp}; "
+        f"{saved_note(args, first, saved_at, best)}")
     return model, optimizer, data, run_state(args.max_iters), losses, evaluation
 
 

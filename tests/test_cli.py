@@ -19,7 +19,7 @@ from dtensor_gpt import GPT, comm, reshard, save_checkpoint
 from dtensor_gpt.data import TextData
 from dtensor_gpt.format import CheckpointError
 from dtensor_gpt.sources import open_source
-from dtensor_gpt.tokenizers import META_BYTES, BPETokenizer, chars_from_meta
+from dtensor_gpt.tokenizers import META_BYTES, BPETokenizer, CharTokenizer, chars_from_meta
 from helpers import exit_status, small_config, write_ranks, write_text
 from plans import PLANS
 
@@ -280,10 +280,35 @@ def test_a_character_vocabulary_is_read_as_plain_data_of_bounded_size(tmp_path):
     with pytest.raises(ValueError, match=r"is over 1,048,576 bytes, too large for a nanoGPT character meta.pkl"):
         chars_from_meta(str(tmp_path / "large.pkl"))
     (tmp_path / "numbers.pkl").write_bytes(pickle.dumps({"itos": {0: 7}}))
-    with pytest.raises(ValueError, match="its itos holds values that are not characters"):
+    with pytest.raises(ValueError, match="its itos entry 0 is 7, not a single character"):
         chars_from_meta(str(tmp_path / "numbers.pkl"))
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": {0: "a", 1: "\n"}, "stoi": {"a": 0, "\n": 1}}))
     assert chars_from_meta(str(tmp_path / "meta.pkl")) == ["a", "\n"]
+
+
+def _meta(path, itos):
+    path.write_bytes(pickle.dumps({"itos": dict(enumerate(itos)), "stoi": {c: i for i, c in enumerate(itos)}}))
+    return str(path)
+
+
+def test_a_vocabulary_of_repeated_or_longer_entries_is_refused(tmp_path):
+    """Two ids for one character decode alike; a two-character entry is never produced by splitting text."""
+    with pytest.raises(ValueError, match=r"repeats.pkl is not a nanoGPT character meta.pkl \(its itos entry 2, 'a', "
+                                         r"repeats entry 0\)"):
+        chars_from_meta(_meta(tmp_path / "repeats.pkl", ["a", "b", "a", "b"]))
+    with pytest.raises(ValueError, match=r"its itos entry 1 is 'bc', not a single character"):
+        chars_from_meta(_meta(tmp_path / "pairs.pkl", ["a", "bc", "d"]))
+    with pytest.raises(ValueError, match=r"the character vocabulary's entry 1, 'x', repeats entry 0"):
+        CharTokenizer(["x", "x"])
+
+
+def test_generate_refuses_a_meta_pkl_of_one_repeated_character(tmp_path):
+    """It used to accept 65 'a's for the shipped 65-character model and print aaaa..."""
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "generate.py"), "--max-new-tokens", "4",
+                        "--tokenizer", _meta(tmp_path / "meta.pkl", ["a"] * 65)],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert "error: " in r.stderr and "its itos entry 1, 'a', repeats entry 0" in r.stderr, r.stderr[-2000:]
 
 
 def test_binary_data_is_named(tmp_path):

@@ -235,11 +235,13 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     from helpers import write_text
 
     write_text(tmp_path / "text.txt")
-    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--out", str(tmp_path / "ckpt")]
+    # a schedule --resume accepts: warm-up to 1e-3 by iteration 3, then "decaying" towards 1e30, ~2.5e24 at iteration 4
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--out", str(tmp_path / "ckpt"),
+              "--lr", "1e-3", "--min-lr", "1e30", "--warmup-iters", "3", "--lr-decay-iters", "1000"]
     run_distributed(_logged, 2, *common, "--max-iters", "4", "--always-save-checkpoint")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     lines = run_distributed(_logged, 2, *common, "--resume", str(tmp_path / "ckpt"), "--max-iters", "12",
-                            "--lr", "1e30", "--warmup-iters", "0", "--save-interval", "1", "--always-save-checkpoint")
+                            "--save-interval", "1", "--always-save-checkpoint")
     assert "the run diverged and stops" in lines[-1] and "keeps the last good checkpoint" in lines[-1], lines[-3:]
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
 
@@ -282,3 +284,199 @@ def test_out_holding_a_users_file_is_refused_before_training(tmp_path):
                               "--max-iters", "100000")
     assert "--out: " in message and "holds ['README.md'], which its index.json does not name" in message
     assert (tmp_path / "model" / "README.md").read_text() == "how this model was made"
+
+
+def _scripted(rank, world_size, vals, *argv):
+    """train() with each evaluation's losses taken in turn from `vals`; what it said."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train as script
+    from torch.distributed.device_mesh import init_device_mesh
+
+    given = iter(vals)
+    script.estimate_loss = lambda *a: dict.fromkeys(("train", "val"), next(given))
+    lines = []
+    script.train(script.parse_args(list(argv)), init_device_mesh("cpu", (world_size,)),
+                 say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    return lines
+
+
+def test_best_loss_changes_only_when_a_checkpoint_is_saved(tmp_path):
+    """
+    nanoGPT's best_val_loss is that of the saved checkpoint (iteration 0's, never saved, as the
+    baseline): an evaluation between save points must not raise the bar for the next save.
+    """
+    import json
+    import re
+
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    out = tmp_path / "ckpt"
+    vals = [3.0, 2.0, 2.5, 2.2, 2.4]  # iterations 0, 2 (no save), 4 (save point), 6 (no save), 8 (save point)
+    lines = run_distributed(_scripted, 1, vals, "--data", str(tmp_path / "text.txt"), *TINY, "--max-iters", "8",
+                            "--eval-interval", "2", "--save-interval", "4", "--out", str(out))
+    saved = [int(m[1]) for m in (re.match(r"saved .* at iteration (\d+)", l) for l in lines) if m]
+    assert saved == [4, 8], lines
+    assert json.loads((out / "index.json").read_text())["extra"]["best_val_loss"] == 2.4
+    assert lines[-1].endswith(f"; checkpoint {out} from iteration 8"), lines[-1]
+
+
+def test_a_run_that_saves_nothing_says_so(tmp_path):
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    out = tmp_path / "ckpt"
+    lines = run_distributed(_scripted, 1, [3.0, 3.1, 3.2], "--data", str(tmp_path / "text.txt"), *TINY,
+                            "--max-iters", "4", "--eval-interval", "2", "--out", str(out))
+    assert not out.exists()
+    assert lines[-1].endswith(f"; no checkpoint saved in {out}: no evaluation at a save point beat iteration 0's val "
+                              f"loss 3.0000 (only an improvement is saved, as in nanoGPT); pass "
+                              f"--always-save-checkpoint to save regardless"), lines[-1]
+
+
+def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path):
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    out = tmp_path / "ckpt"
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--max-iters", "2",
+              "--always-save-checkpoint", "--out", str(out)]
+    run_distributed(_logged, 1, *common)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    message = run_distributed(_refused, 2, *common, "--seed", "1")
+    assert message == (f"--out {out} holds another run's checkpoint; pass --resume {out} to continue that run or "
+                       f"--overwrite to replace it")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / ".ckpt.lock").exists(), "the refused run let go of --out"
+    assert run_distributed(_refused, 1, *common, "--seed", "1", "--overwrite") is None
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != before
+
+
+def test_a_live_runs_out_is_refused_and_a_dead_ones_taken_over(tmp_path, capfd):
+    """Two runs on one --out: the second is refused before iteration 0, on every rank alike."""
+    import os
+    import socket
+    import subprocess
+
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    lock = tmp_path / ".ckpt.lock"
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--max-iters", "2",
+              "--always-save-checkpoint", "--out", str(tmp_path / "ckpt")]
+    host = socket.gethostname()
+    lock.write_text(f"{os.getpid()}@{host}")  # this test's process: alive
+    message = run_distributed(_refused, 2, *common)
+    assert message.startswith(f"--out {tmp_path / 'ckpt'} is in use by another run (pid {os.getpid()} on {host}, "
+                              f"per {lock}); wait for it to end"), message
+    assert not (tmp_path / "ckpt").exists() and lock.read_text() == f"{os.getpid()}@{host}"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{gone.pid}@{host}")
+    assert run_distributed(_refused, 2, *common) is None
+    assert f"note: took over {lock} from pid {gone.pid}, which no longer runs" in capfd.readouterr().err
+    assert (tmp_path / "ckpt" / "index.json").exists() and not lock.exists(), "saved, and the lock released at exit"
+
+
+def _refusals(rank, world_size, common, *variants):
+    """_refused's answer for each of `variants` (extra flags over `common`), in one process."""
+    return [_refused(rank, world_size, *common, *variant) for variant in variants]
+
+
+def test_resume_refuses_other_optimizer_settings(tmp_path):
+    """The saved AdamW groups and schedule are the run's: another value would silently depart from it."""
+    from helpers import nanogpt_run, small_config, write_text
+
+    chars = write_text(tmp_path / "text.txt")
+    ours = tmp_path / "ckpt"
+    common = ["--data", str(tmp_path / "text.txt"), *TINY, "--eval-iters", "1", "--max-iters", "2"]
+    run_distributed(_logged, 1, *common, "--always-save-checkpoint", "--out", str(ours))
+    resume = [*common[:-1], "4", "--resume", str(ours)]
+    assert run_distributed(_refusals, 1, resume, ["--beta2", "0.95"], ["--weight-decay", "0.2"],
+                           ["--no-embedding-decay"], ["--lr", "2e-3"], ["--warmup-iters", "7"], []) == [
+        f"--resume {ours} ran with --beta2 0.99, this run with --beta2 0.95; pass --beta2 0.99 to continue it",
+        f"--resume {ours} ran with --weight-decay 0.1, this run with --weight-decay 0.2; pass --weight-decay 0.1 to continue it",
+        f"--resume {ours} decays wte and wpe, this run (--no-embedding-decay) does not; leave out "
+        f"--no-embedding-decay to continue it",
+        f"--resume {ours} ran with --lr 0.001, this run with --lr 0.002; pass --lr 0.001 to continue it",
+        f"--resume {ours} ran with --warmup-iters 5, this run with --warmup-iters 7; pass --warmup-iters 5 to continue it",
+        None,
+    ]
+    # a nanoGPT ckpt.pt: its param_groups (nanoGPT's grouping, betas, weight decay) and its config's schedule
+    nanogpt_run(tmp_path / "run", small_config(vocab_size=65), chars=chars, iter_num=3)
+    resume = ["--data", str(tmp_path / "text.txt"), "--resume", str(tmp_path / "run"), "--max-iters", "4",
+              "--eval-iters", "1", "--batch-size", "2"]
+    assert run_distributed(_refusals, 1, resume, ["--lr-decay-iters", "2000", "--beta2", "0.95"], [],
+                           ["--lr-decay-iters", "2000", "--no-embedding-decay"]) == [
+        f"--resume {tmp_path / 'run'} ran with --beta2 0.99, this run with --beta2 0.95; pass --beta2 0.99 to continue it",
+        f"--resume {tmp_path / 'run'} ran with --lr-decay-iters 2000, this run with --lr-decay-iters 4; pass "
+        f"--lr-decay-iters 2000 to continue it",
+        f"--resume {tmp_path / 'run'} decays wte and wpe, this run (--no-embedding-decay) does not; leave out "
+        f"--no-embedding-decay to continue it",
+    ]
+
+
+def test_a_steps_memory_estimate_is_the_hand_count():
+    """
+    Against what the model's backward really saves (memory.saved_activation_bytes, through autograd's
+    hooks) and the parameters each rank holds, unparallelized and under megatron at TP=2.
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from dtensor_gpt import GPT, GPTConfig, parallelize
+    from dtensor_gpt.memory import activation_bytes, parameter_count, saved_activation_bytes, training_step_bytes
+    from helpers import fake_process_group, local_parameter_bytes
+
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=8, vocab_size=12, bias=True, dropout=0.0)
+    x = torch.randint(0, 12, (3, 8), generator=torch.Generator().manual_seed(0))
+    model = GPT(config)
+    # per token, in 4-byte words: each block 17*32 + 4 heads + 4, then 32+2 (ln_f) + 32 (lm_head) + 2 (ids)
+    # + 2*12 + 2 (log-softmax twice, targets); 8 int64 positions; the loss
+    assert activation_bytes(config, 3) == 4 * 24 * (2 * 552 + 34 + 32 + 2 + 26) + 64 + 4
+    assert activation_bytes(config, 3) == sum(saved_activation_bytes(model, x, x).values())
+    assert parameter_count(config) == sum(p.numel() for p in model.parameters())
+    with fake_process_group(2):
+        tp = parallelize(GPT(config), init_device_mesh("cpu", (2,)), "megatron", loss_parallel=True)
+        with loss_parallel():
+            assert activation_bytes(config, 3, tp=2) == sum(saved_activation_bytes(tp, x, x).values())
+        assert 4 * parameter_count(config, tp=2) == local_parameter_bytes(tp)
+    # weights, gradients, two AdamW moments; activations; logits and their gradient: at dp=2 half the rows
+    assert training_step_bytes(config, 6, tp=2, dp=2) == (16 * parameter_count(config, 2, 2)
+                                                         + activation_bytes(config, 3, 2) + 2 * 4 * 3 * 8 * 6)
+
+
+def _memory_said(rank, world_size, available, *argv):
+    """train() with `available` bytes free: (what it said, the error that stopped it or None)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train as script
+    from torch.distributed.device_mesh import init_device_mesh
+
+    script.available_bytes = lambda device: available
+    lines = []
+    try:
+        script.train(script.parse_args(list(argv)), init_device_mesh("cpu", (world_size,)),
+                     say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    except ValueError as e:
+        return lines, str(e)
+    return lines, None
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_starts(tmp_path):
+    from dtensor_gpt import GPTConfig
+    from dtensor_gpt.memory import training_step_bytes
+    from helpers import write_text
+
+    write_text(tmp_path / "text.txt")
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=65)
+    flags = ["--data", str(tmp_path / "text.txt"), *TINY, "--max-iters", "1", "--eval-iters", "1"]
+    need, room = training_step_bytes(config, 1000, tp=2), training_step_bytes(config, 100, tp=2)
+    lines, error = run_distributed(_memory_said, 2, room, *flags, "--batch-size", "1000")
+    assert lines == [] and error == (
+        f"a training step of --batch-size 1000 needs about {need / 1e6:,.0f} MB per process but {room / 1e6:,.0f} MB "
+        f"are available to each; use a smaller --batch-size with --gradient-accumulation-steps (e.g. --batch-size 100 "
+        f"--gradient-accumulation-steps 10)"), error
+    lines, error = run_distributed(_memory_said, 1, 10**12, *flags)
+    assert error is None and lines[0].startswith("training iterations 0 to 1 (a step needs about "), lines[:2]
+    assert lines[0].endswith("; first an evaluation of 1 batches per split") and lines[1].startswith("step 0:"), lines[:2]
