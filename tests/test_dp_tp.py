@@ -108,7 +108,7 @@ def test_dp2_tp2_matches_dp1_tp2_for_every_plan():
     for plan, result in r.items():
         assert result["grads"] < TOL, f"{plan}: dp=2 gradients differ from dp=1 by {result['grads']}"
         assert result["params"] < TOL, f"{plan}: dp=2 parameters after AdamW differ from dp=1 by {result['params']}"
-        expected = {k: v for k, v in result["counts"].items()}
+        expected = dict(result["counts"])
         expected.update({"fsdp allgather_base": MICRO_BATCHES * (2 * L + 1), "fsdp reduce_scatter_base": MICRO_BATCHES * (L + 1)})
         if plan == "megatron-sp":
             assert result["counts"]["dtensor all_reduce"] == MICRO_BATCHES  # one per backward at dp=1
