@@ -11,6 +11,11 @@ backward that produced one, the `Partial` gradients of the hooked parameters are
 (per mesh, placements and dtype), redistributed to `Replicate` by DTensor in one all-reduce,
 and put back. Gradient accumulation stays exact: a later backward's `Partial` gradient is
 added to the reduced one on one rank only (see `_accumulate_on_one_rank`).
+
+Under FSDP2 (`fully_shard` after `parallelize`, examples/train.py --dp) none of this runs:
+FSDP2 replaces the hooked parameters, and it reduces each `Partial` gradient itself, over
+tp, one all-reduce per parameter per backward, before its reduce-scatter over dp
+(tests/test_dp_tp.py counts them).
 """
 
 import torch

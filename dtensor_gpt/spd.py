@@ -113,8 +113,25 @@ class SyncPointDrop(ParallelStyle):
         attn_proj.register_forward_hook(attention_partial)
         mlp_proj.register_forward_hook(mlp_partial)
         block.register_forward_hook(one_sync)
-        for param in block.ln_2.parameters():
-            param.register_hook(lambda grad: sum_over_ranks(
-                DTensor.from_local(grad, device_mesh, [Partial()], run_check=False), device_mesh
-            ))
+        block.ln_2.register_forward_pre_hook(_hook_parameters_in_use(lambda grad: sum_over_ranks(
+            DTensor.from_local(grad, device_mesh, [Partial()], run_check=False), device_mesh
+        )))
         return block
+
+
+def _hook_parameters_in_use(hook):
+    """
+    A forward pre-hook that registers `hook` once on each parameter its module runs with.
+    FSDP2 (`fully_shard` after `parallelize`, examples/train.py --dp) replaces the module's
+    parameters and runs it on gathered ones of its own, kept from step to step: a hook on
+    the parameters `parallelize` saw would never fire.
+    """
+    hooked = []
+
+    def pre_forward(module, args):
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and not any(param is h for h in hooked):
+                hooked.append(param)
+                param.register_hook(hook)
+
+    return pre_forward
