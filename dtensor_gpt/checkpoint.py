@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from dtensor_gpt import layout
 from dtensor_gpt.apply_tp import tied_parameters
+from dtensor_gpt.materialize import allocate, local_values, on_meta
 from dtensor_gpt.format import FORMAT, CheckpointError, index_sha256, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.parallelize import plan_name
 from dtensor_gpt.publish import clean_stale_temporaries, no_room, out_of_room, publish, temporary_beside
@@ -176,25 +177,6 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
         raise CheckpointError(f"saving {path} failed on rank 0: {failure[0]}")
 
 
-def _tp_values(ckpt, name, target):
-    """Checkpoint tensor `name` as `target`'s TP rank holds it: a DTensor's own shard only, read from its byte ranges."""
-    if target.dim() == 0:
-        return ckpt.read_full(name)
-    split = layout.split_of(target)
-    if split is None:
-        dim, ranges = 0, [(0, target.shape[0])]
-    else:
-        rank, parts = layout.tp_rank(target)
-        dim, ranges = split["dim"], layout.intervals(target.shape[split["dim"]], split, parts, rank)
-    return torch.cat([ckpt.read(name, dim, a, b) for a, b in ranges], dim)
-
-
-def _dp_chunk(values, target):
-    """FSDP2 keeps chunk `rank` of dim 0 of the TP shard."""
-    dp = layout.dp_shard(target)
-    return values if dp is None else values.chunk(dp[1], dim=0)[dp[0]].clone()
-
-
 def _tp_group(params):
     """(process group, rank) of the model's TP mesh dimension, or (None, 0) when no parameter is sharded over one."""
     for p in params.values():
@@ -284,6 +266,21 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
         shape, want = list(p.shape), list(entry["shape"])
         if shape != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")
+    fresh = bool(on_meta(model))  # built on meta: nothing to keep, so its shards are allocated and read into directly
+    if fresh:
+        if dtype is not None:
+            model.to(DTYPE_NAMES[dtype])
+        params, tied = unique_parameters(allocate(model))
+    try:
+        return _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh)
+    except CheckpointError:
+        if fresh:
+            allocate(model, "meta")  # refused: the model holds nothing again, as before the call
+        raise
+
+
+def _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh):
+    """Read this rank's values of every tensor, refuse NaN, infinity and overflow on every rank alike, then set them."""
     staged, counts, overflows, replicated = {}, {}, {}, set()  # this rank's values, all read before any is used
     with torch.no_grad():
         for name, p in params.items():
@@ -293,20 +290,24 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
                 targets[f"optimizer.{key}.{name}"] = (torch.zeros_like(p) if entry["shape"]
                                                       else torch.zeros((), dtype=TORCH_DTYPES[entry["dtype"]]))
             for tname, target in targets.items():
-                values = _tp_values(ckpt, tname, target)
+                values = layout.shard_values(ckpt, tname, target)
                 counts[tname] = non_finite(values)
                 if dtype is not None:  # cast once, here; the finite values it turns infinite are counted
                     values = values.to(DTYPE_NAMES[dtype])
                     overflows[tname] = (0, non_finite(values)[1] - counts[tname][1])
                 if layout.split_of(target) is None:
                     replicated.add(tname)
-                staged[tname] = (target, _dp_chunk(values, target))
+                values = layout.dp_chunk(values, target)
+                if fresh:  # nothing to keep: read straight into the shard, never a second copy
+                    local_values(target).copy_(values)
+                staged[tname] = (target, None if fresh else values)
         refuse_non_finite(path, _non_finite_everywhere(counts, replicated, params))
         if dtype is not None:
             _refuse_overflow(path, dtype, overflows, replicated, params)
             model.to(DTYPE_NAMES[dtype])  # in place: every parameter, tied or sharded, stays the same object
         for target, values in staged.values():
-            (target.to_local() if isinstance(target, DTensor) else target).copy_(values)
+            if values is not None:
+                local_values(target).copy_(values)
     for name, p in params.items():
         for key in states.get(name, []):
             optimizer.state[p][key] = staged[f"optimizer.{key}.{name}"][0]

@@ -151,3 +151,22 @@ def locate(size, split, parts, start, stop):
 def divides(size, split, parts):
     """Whether `parts` ranks can hold a tensor so: a packed (groups > 1) dimension must cut evenly."""
     return split is None or split["groups"] == 1 or size % (split["groups"] * parts) == 0
+
+
+def shard_values(source, name, target):
+    """Tensor `name` of `source` (a checkpoint) as `target`'s TP rank holds it: only its own shard's ranges are read."""
+    if target.dim() == 0:
+        return source.read_full(name)
+    split = split_of(target)
+    if split is None:
+        dim, ranges = 0, [(0, target.shape[0])]
+    else:
+        rank, parts = tp_rank(target)
+        dim, ranges = split["dim"], intervals(target.shape[split["dim"]], split, parts, rank)
+    return torch.cat([source.read(name, dim, a, b) for a, b in ranges], dim)
+
+
+def dp_chunk(values, target):
+    """FSDP2 keeps chunk `rank` of dim 0 of the TP shard."""
+    dp = dp_shard(target)
+    return values if dp is None else values.chunk(dp[1], dim=0)[dp[0]].clone()

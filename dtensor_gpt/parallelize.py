@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import plans
 from dtensor_gpt.apply_tp import apply_tp
+from dtensor_gpt.materialize import on_meta, refuse_meta_forward
 from dtensor_gpt.sharding_rules import check_torch_version
 
 _plans = weakref.WeakKeyDictionary()
@@ -65,7 +66,9 @@ def parallelize(model, mesh, plan="megatron", **options):
 
     `plan` is a name from `plans.PLANS` (with its keyword `options`) or a mapping of module
     path patterns to `ParallelStyle`s. Over a "tp" dimension of size 1 the plan is checked
-    and nothing is converted (see `apply_tp`).
+    and nothing is converted (see `apply_tp`). A model built on the meta device stays there,
+    its parameters placed but holding nothing, until `load_checkpoint` or `init_weights`
+    allocates this rank's shards; a forward before that is one clear error.
     """
     check_torch_version()
     tp_mesh = tp_submesh(mesh)
@@ -73,5 +76,7 @@ def parallelize(model, mesh, plan="megatron", **options):
         check_divisible(model.config, tp_mesh.size())
     styles = resolve_plan(model, tp_mesh, plan, options)
     apply_tp(model, tp_mesh, styles)
+    if on_meta(model):
+        refuse_meta_forward(model)
     _plans[model] = plan if isinstance(plan, str) else "custom"
     return model

@@ -1,0 +1,85 @@
+"""
+A model built on the meta device: every rank allocates only its shards, and gets exactly the
+single-device model's weights, from a seed or from a checkpoint.
+"""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import loss_parallel
+
+from distributed import run_distributed
+from dtensor_gpt import GPT, GPTConfig, init_weights, load_checkpoint, parallelize, save_checkpoint
+from dtensor_gpt.format import CheckpointError
+from helpers import fake_process_group, full, small_config
+from plans import PLANS
+
+SEED = 5
+
+
+def _meta_model(mesh, plan, config):
+    with torch.device("meta"):
+        model = GPT(config)
+    return parallelize(model, mesh, plan, loss_parallel=True)
+
+
+def _init_every_plan(rank, world_size):
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = {}
+    for plan in PLANS:
+        model = _meta_model(mesh, plan, small_config())
+        torch.manual_seed(SEED)
+        init_weights(model)
+        after = torch.rand(4)  # the generator moved as GPT's constructor moves it
+        weights = {name: full(p).detach().clone() for name, p in model.named_parameters()}
+        out[plan] = weights, after, model.lm_head.weight is model.transformer.wte.weight
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_weights_from_a_seed_equal_the_single_device_models(tp):
+    torch.manual_seed(SEED)
+    reference = GPT(small_config())
+    after = torch.rand(4)
+    for plan, (weights, rng, tied) in run_distributed(_init_every_plan, tp).items():
+        assert tied, f"{plan}: wte and lm_head stay one parameter"
+        assert torch.equal(rng, after), plan
+        for name, p in reference.named_parameters():
+            assert torch.equal(weights[name], p), (plan, name)
+
+
+def test_a_forward_on_meta_is_one_clear_error():
+    with fake_process_group(2):
+        model = _meta_model(init_device_mesh("cpu", (2,)), "megatron", small_config())
+        with pytest.raises(RuntimeError, match=r"parameters are on the meta device \(transformer.wte.weight and \d+ "
+                                               r"more\) and hold no values; call load_checkpoint"):
+            model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def _load_on_meta(rank, world_size, path, bad_path):
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = _meta_model(mesh, "megatron", small_config())
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(model, bad_path)
+    refused_to_meta = all(p.is_meta for p in model.parameters())
+    load_checkpoint(model, path)
+    idx = torch.arange(24).reshape(2, 12) % 96
+    with torch.no_grad(), loss_parallel():
+        logits = full(model(idx, idx)[0])
+    return logits, refused_to_meta, model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_checkpoint_loads_into_shards_allocated_on_load(tmp_path):
+    torch.manual_seed(SEED)
+    reference = GPT(small_config())
+    save_checkpoint(reference, str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        reference.transformer.h[1].mlp.c_fc.weight[-1, 0] = float("nan")  # in the last rank's shard
+    save_checkpoint(reference, str(tmp_path / "nan"))
+    logits, refused_to_meta, tied = run_distributed(_load_on_meta, 2, str(tmp_path / "ckpt"), str(tmp_path / "nan"))
+    torch.manual_seed(SEED)
+    idx = torch.arange(24).reshape(2, 12) % 96
+    with torch.no_grad():
+        expected = GPT(small_config())(idx, idx)[0]
+    assert refused_to_meta, "a refused load leaves the model holding nothing, as it was"
+    assert tied and (logits - expected).abs().max().item() < 1e-5
