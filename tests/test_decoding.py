@@ -103,6 +103,27 @@ def test_one_row_products_become_fused_reductions(rows, matrix_kernel):
         torch._dynamo.reset()
 
 
+def test_a_one_row_product_in_bf16_rounds_once_as_addmm():
+    """
+    With a bias, bf16 addmm adds it to the float32 sums and rounds once; rounding the product
+    to bf16 first and then its sum with the bias differed in 64 of these 256 outputs. Inductor
+    rounds where the graph says only with `emulate_precision_casts` (otherwise a fused kernel may
+    keep float32 between the two, which hid the second rounding here, but not in every fusion).
+    """
+    from dtensor_gpt.one_row_products import OneRowProductsAsReductions
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 64, generator=g).bfloat16(), torch.randn(256, 64, generator=g).bfloat16()
+    bias = torch.randn(256, generator=g).bfloat16()
+    compiled = torch.compile(torch.nn.functional.linear, fullgraph=True, dynamic=False,
+                             options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            torch._inductor.config.patch(emulate_precision_casts=True):
+        out = compiled(x, weight, bias)
+    torch._dynamo.reset()
+    assert torch.equal(out, torch.nn.functional.linear(x, weight, bias))
+
+
 @pytest.mark.parametrize("queries, fused_kernel", [(1, False), (2, True)])
 def test_one_query_attention_becomes_fused_reductions(queries, fused_kernel):
     """A decoding step's attention (one query over the cache, masked) is two one-row products per head."""
