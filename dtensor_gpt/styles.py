@@ -69,10 +69,9 @@ class PrepareAttentionInput(PrepareModuleInput):
     plain tensors meeting DTensors count as replicated. Inputs are prepared exactly as
     `PrepareModuleInput` does. In eval mode there is no dropout, the fused kernel makes no
     plain tensor and nothing changes; the setting is not even touched, so that torch.compile
-    (which cannot trace it) compiles the attention of a decoding step in one graph. For the
-    same reason the closing hook is not `always_call`: dynamo guards on such a hook's id, one
-    per block, and would compile every block apart; a forward that raised leaves its scope
-    to the module's next pre-hook to close.
+    (which cannot trace it) compiles the attention of a decoding step in one graph. The closing
+    hook is `always_call`: a forward that raises inside attention must not leave the
+    process-wide setting on for whatever runs next.
 
     Example::
         >>> parallelize_module(model, tp_mesh, {"transformer.h.*.attn": PrepareAttentionInput(
@@ -84,8 +83,6 @@ class PrepareAttentionInput(PrepareModuleInput):
         scopes = []
 
         def enter(module, args):
-            while scopes:  # left open by a forward that raised
-                scopes.pop().__exit__(None, None, None)
             if module.training:  # in eval there is no dropout, so no math path
                 scope = plain_tensors_replicated()
                 scope.__enter__()
@@ -96,5 +93,5 @@ class PrepareAttentionInput(PrepareModuleInput):
                 scopes.pop().__exit__(None, None, None)
 
         module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave)
+        module.register_forward_hook(leave, always_call=True)
         return module
