@@ -42,13 +42,15 @@ def _eager_and_compiled(rank, world_size, backend, texts):
 def test_the_decoding_step_compiles_once_per_cache_length():
     """
     TP=1: one graph for all blocks and all 19 one-token steps of a generation and one for the
-    head (prompts run eagerly, a one-token prompt too); a prompt of another length makes a
-    cache of another length: the blocks compile once more, the head, which has no cache, not.
+    head (prompts run eagerly, a one-token prompt too). Caches come in powers of two: "J" (21
+    positions) shares the 32-position cache of PROMPT (31) and compiles nothing; PROMPT twice (42)
+    makes a cache of 64: the blocks compile once more, the head, which has no cache, not.
     """
-    eager, compiled, frames = run_distributed(_eager_and_compiled, 1, "aot_eager", [PROMPT, "J"])
+    texts = [PROMPT, "J", PROMPT * 2]
+    eager, compiled, frames = run_distributed(_eager_and_compiled, 1, "aot_eager", texts)
     assert compiled == eager
-    assert [len(t) for t in eager] == [len(PROMPT) + 20, len("J") + 20]
-    assert frames == [2, 3]
+    assert [len(t) for t in eager] == [len(p) + 20 for p in texts]
+    assert frames == [2, 2, 3]
 
 
 @pytest.mark.parametrize("world_size, backend", [(2, "inductor"), (4, "aot_eager")])
@@ -67,6 +69,35 @@ def test_compiled_sampling_past_block_size_equals_eager():
     compile_decoding(model, backend="aot_eager")
     compiled = model.generate(prompt, 30, top_k=5, generator=torch.Generator().manual_seed(3))
     assert compiled.shape == (2, 35) and torch.equal(compiled, eager)
+
+
+def test_any_number_of_lengths_compiles_a_few_graphs_and_never_fails():
+    """
+    20 generation lengths (3 to 60 positions, block_size 64) make caches of 16, 32 and 64
+    positions: 3 graphs of the blocks and 1 of the head, and the greedy tokens of eager decoding,
+    which are nanoGPT's (recomputed without a cache). Then a batch of 2 rows asks for a 4th graph
+    of the blocks with dynamo's recompile limit (8) lowered to the 3 it has: that generation
+    decodes eagerly (its head compiles), to the same tokens, rather than failing.
+    """
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()  # other tests' graphs of Block.forward would count towards the limit
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    tokens = torch.randint(0, 32, (2, 58), generator=torch.Generator().manual_seed(1))
+    prompts = [tokens[:1, :1 + 3 * i] for i in range(20)] + [tokens[:, :5]]
+    eager = [model.generate(p, 2, top_k=1) for p in prompts]
+    assert all(torch.equal(e, model.generate(p, 2, top_k=1, use_cache=False)) for e, p in zip(eager, prompts))
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_decoding(model, backend=counter)
+    compiled, frames = [], []
+    for i, p in enumerate(prompts):
+        with torch._dynamo.config.patch(recompile_limit=3 if i == 20 else 8):
+            compiled.append(model.generate(p, 2, top_k=1))
+        frames.append(counter.frame_count)
+    torch._dynamo.reset()
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+    assert frames == [2] * 5 + [3] * 5 + [4] * 10 + [5]  # up to 16 positions, to 32, to 64; then the head's
 
 
 def test_generate_py_compiles_in_bf16():
