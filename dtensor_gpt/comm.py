@@ -136,7 +136,8 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_
     the LayerNorms' replicated parameters need one all-reduce, all of them together
     (dtensor_gpt.partial_grads). With `vocab_parallel` sampling
     (dtensor_gpt.sampling) a generated token needs no logits at all: each rank's `top_k` best
-    candidates are gathered, or its one winner of the full softmax.
+    candidates and its winner among its ties with its k-th are gathered, or its one winner of
+    the full softmax.
     """
     s = 4  # fp32
     act = batch * seq * config.n_embd * s

@@ -347,7 +347,10 @@ class GPT(nn.Module):
         sample(logits, top_k), if given, picks the next indices (b, 1) from the scaled logits
         in place of the top-k softmax draw below.
         """
-        length = min(idx.size(1) + max_new_tokens, self.config.block_size)  # positions the cache will hold
+        # the cache holds the next power of two positions (at least 16, at most block_size), its
+        # unwritten positions masked: generations of any length share a few cache shapes, so a
+        # compiled decoding step compiles a few times (7 for GPT-2's 1024) and never per length
+        length = min(max(16, 1 << (idx.size(1) + max_new_tokens - 1).bit_length()), self.config.block_size)
         cache = KVCache(len(self.transformer.h), length) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and len(cache) == cache.length:

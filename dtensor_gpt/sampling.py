@@ -5,8 +5,12 @@ Under TP each rank holds the logits of its slice of the vocabulary (`lm_head`'s
 column-parallel output, kept sharded). Gathering them costs V values per token, more than
 all the blocks' all-reduces of a small model's decoding step together. Instead:
 
-- Top-k (greedy is k = 1) needs only each rank's k best (value, global id) pairs: the
-  global top k are among them. O(k * TP) values on the wire.
+- Top-k (greedy is k = 1) keeps, as nanoGPT does, every logit >= the k-th largest, ties
+  included. Each rank's k best (value, global id) pairs hold the global top k, so the k-th
+  largest. A rank may hold more logits tied with its own k-th than its k best show; when the
+  global k-th equals it, they all survive, and one stands for them all: the rank also sends its
+  Gumbel-max winner (below) among all its logits >= its k-th. O((k + 1) * TP) values on the
+  wire, and the token drawn is exactly nanoGPT's rule's at every degree.
 - Sampling from the softmax uses the Gumbel-max trick: argmax_i (logit_i / T + g_i), with
   g_i independent Gumbel(0, 1) noise, is distributed as softmax(logit / T). Each rank takes
   the argmax over its own slice and only the TP winners are exchanged. The noise is a pure
@@ -83,13 +87,21 @@ class VocabParallelSampler:
         vocab = logits.shape[-1]
         if top_k is not None:
             k = min(top_k, vocab)
-            width = candidates_per_rank(vocab, tp, top_k)  # every rank sends as many, padded past a short slice
-            values, local_ids = local.float().topk(min(width, local.shape[-1]), dim=-1)
-            pad = width - values.shape[-1]
+            best = min(k, math.ceil(vocab / tp))  # every rank sends as many, padded past a short slice
+            values, local_ids = local.float().topk(min(best, local.shape[-1]), dim=-1)
+            pad = best - values.shape[-1]
             values = torch.nn.functional.pad(values, (0, pad), value=-math.inf)
             local_ids = torch.nn.functional.pad(local_ids, (0, pad), value=0)
+            if candidates_per_rank(vocab, tp, top_k) > best:  # a slice longer than k: its ties with its k-th
+                ids = start + torch.arange(local.shape[-1], device=local.device).expand_as(local)
+                noisy = torch.where(local >= values[:, -1:], local.double() + gumbel_noise(self.seed, self.step, ids),
+                                    -math.inf)
+                winner = noisy.argmax(dim=-1, keepdim=True)
+                values = torch.cat([values, local.float().gather(-1, winner)], dim=-1)
+                local_ids = torch.cat([local_ids, winner], dim=-1)
             values, ids = _exchange(values, local_ids, start, vocab, mesh)
-            threshold = values.topk(k, dim=-1).values[:, -1:]
+            ranks_best = values.view(values.shape[0], tp, -1)[..., :best].reshape(values.shape[0], -1)
+            threshold = ranks_best.topk(k, dim=-1).values[:, -1:]
             score = torch.where(values >= threshold, values.double() + gumbel_noise(self.seed, self.step, ids), -math.inf)
         else:
             # compared in float32 at every degree, so TP=1 and TP=4 order candidates alike
@@ -102,8 +114,14 @@ class VocabParallelSampler:
 
 
 def candidates_per_rank(vocab, tp, top_k):
-    """How many candidates each rank sends for one row: its best k, or its one Gumbel-max winner."""
-    return 1 if top_k is None else min(top_k, vocab, math.ceil(vocab / tp))
+    """
+    How many candidates each rank sends for one row: its one Gumbel-max winner; or its best k
+    and its winner among its logits tied with its k-th, or its whole slice if no longer than k.
+    """
+    if top_k is None:
+        return 1
+    slice_ids = math.ceil(vocab / tp)
+    return top_k + 1 if top_k < slice_ids else slice_ids
 
 
 def _id_type(vocab, tp):

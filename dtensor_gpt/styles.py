@@ -3,6 +3,8 @@ ParallelStyles that PyTorch does not ship, written like the ones in
 `torch.distributed.tensor.parallel.style` so that a reader who knows those knows these.
 """
 
+import types
+
 import torch.nn as nn
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput
@@ -69,10 +71,10 @@ class PrepareAttentionInput(PrepareModuleInput):
     plain tensors meeting DTensors count as replicated. Inputs are prepared exactly as
     `PrepareModuleInput` does. In eval mode there is no dropout, the fused kernel makes no
     plain tensor and nothing changes; the setting is not even touched, so that torch.compile
-    (which cannot trace it) compiles the attention of a decoding step in one graph. For the
-    same reason the closing hook is not `always_call`: dynamo guards on such a hook's id, one
-    per block, and would compile every block apart; a forward that raised leaves its scope
-    to the module's next pre-hook to close.
+    (which cannot trace it) compiles the attention of a decoding step in one graph. The scope
+    wraps the module's forward (a `with`), so a forward that raises closes it too: hooks could
+    not, as the closing one would have to be `always_call`, whose id dynamo guards on, one per
+    block, compiling every block apart.
 
     Example::
         >>> parallelize_module(model, tp_mesh, {"transformer.h.*.attn": PrepareAttentionInput(
@@ -81,20 +83,12 @@ class PrepareAttentionInput(PrepareModuleInput):
 
     def _apply(self, module, device_mesh):
         super()._apply(module, device_mesh)
-        scopes = []
-
-        def enter(module, args):
-            while scopes:  # left open by a forward that raised
-                scopes.pop().__exit__(None, None, None)
-            if module.training:  # in eval there is no dropout, so no math path
-                scope = plain_tensors_replicated()
-                scope.__enter__()
-                scopes.append(scope)
-
-        def leave(module, args, output):
-            if scopes:
-                scopes.pop().__exit__(None, None, None)
-
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave)
+        module.forward = types.MethodType(_forward_replicating_plain_tensors, module)
         return module
+
+
+def _forward_replicating_plain_tensors(module, *args, **kwargs):
+    if not module.training:  # in eval there is no dropout, so no math path
+        return type(module).forward(module, *args, **kwargs)
+    with plain_tensors_replicated():
+        return type(module).forward(module, *args, **kwargs)

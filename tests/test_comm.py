@@ -93,9 +93,9 @@ def test_decode_measures_one_generated_token():
     r = comm_report("megatron", tp=4, config=config, batch=2, seq=8, decode=True, top_k=10)
     assert r["decode"] and r["counts"] == {"all_reduce": 7, "all_gather": 1}
     # per generated token: 7 all-reduces of one (2, 1, C) position, then no logits: each rank's 10 best
-    # candidates of each row, a float32 value and an int16 id each
+    # candidates of each row and its winner among its ties with its 10th, a float32 value and an int16 id each
     blocks = 7 * 2 * 3 / 4 * (2 * config.n_embd * 4)
-    assert r["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 10 * 6))
+    assert r["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 11 * 6))
     assert r["above_minimum"] == {}
     full = comm_report("megatron", tp=4, config=config, batch=2, seq=8, decode=True, top_k=None)
     assert full["wire_bytes_per_token"] * 2 == pytest.approx(blocks + 3 / 4 * (4 * 2 * 1 * 6)), "one winner per rank"
@@ -134,13 +134,13 @@ def test_prefill_measures_a_prompt_and_its_first_token():
     """
     A prompt's forward, then its first token chosen on the vocabulary shards as generate does:
     the blocks' all-reduces of the whole prompt, and in place of the last logits' gather
-    (V floats a row) each rank's k best candidates.
+    (V floats a row) each rank's k best candidates and its winner among its ties with its k-th.
     """
     config = small_config(n_layer=2)
     r = comm_report("megatron", tp=2, config=config, batch=2, seq=8, prefill=True, top_k=1)
     assert r["counts"] == {"all_reduce": 5, "all_gather": 1} and r["above_minimum"] == {}
     act = 2 * 8 * config.n_embd * 4
-    assert r["wire_bytes_per_token"] * 2 * 8 == pytest.approx(5 * act + 1 / 2 * (2 * 2 * 1 * 6))
+    assert r["wire_bytes_per_token"] * 2 * 8 == pytest.approx(5 * act + 1 / 2 * (2 * 2 * 2 * 6))
     assert "(model: sampling)" in format_report(r) and "a prompt and its first token" in format_report(r)
     gathered = comm_report("megatron", tp=2, config=config, batch=2, seq=8, prefill=True, sampler="multinomial")
     assert gathered["wire_bytes_per_token"] * 2 * 8 == pytest.approx(5 * act + 1 / 2 * (2 * config.vocab_size * 4))

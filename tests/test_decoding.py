@@ -42,13 +42,15 @@ def _eager_and_compiled(rank, world_size, backend, texts):
 def test_the_decoding_step_compiles_once_per_cache_length():
     """
     TP=1: one graph for all blocks and all 19 one-token steps of a generation and one for the
-    head (prompts run eagerly, a one-token prompt too); a prompt of another length makes a
-    cache of another length: the blocks compile once more, the head, which has no cache, not.
+    head (prompts run eagerly, a one-token prompt too). Caches come in powers of two: "J" (21
+    positions) shares the 32-position cache of PROMPT (31) and compiles nothing; PROMPT twice (42)
+    makes a cache of 64: the blocks compile once more, the head, which has no cache, not.
     """
-    eager, compiled, frames = run_distributed(_eager_and_compiled, 1, "aot_eager", [PROMPT, "J"])
+    texts = [PROMPT, "J", PROMPT * 2]
+    eager, compiled, frames = run_distributed(_eager_and_compiled, 1, "aot_eager", texts)
     assert compiled == eager
-    assert [len(t) for t in eager] == [len(PROMPT) + 20, len("J") + 20]
-    assert frames == [2, 3]
+    assert [len(t) for t in eager] == [len(p) + 20 for p in texts]
+    assert frames == [2, 2, 3]
 
 
 @pytest.mark.parametrize("world_size, backend", [(2, "inductor"), (4, "aot_eager")])
@@ -67,6 +69,35 @@ def test_compiled_sampling_past_block_size_equals_eager():
     compile_decoding(model, backend="aot_eager")
     compiled = model.generate(prompt, 30, top_k=5, generator=torch.Generator().manual_seed(3))
     assert compiled.shape == (2, 35) and torch.equal(compiled, eager)
+
+
+def test_any_number_of_lengths_compiles_a_few_graphs_and_never_fails():
+    """
+    20 generation lengths (3 to 60 positions, block_size 64) make caches of 16, 32 and 64
+    positions: 3 graphs of the blocks and 1 of the head, and the greedy tokens of eager decoding,
+    which are nanoGPT's (recomputed without a cache). Then a batch of 2 rows asks for a 4th graph
+    of the blocks with dynamo's recompile limit (8) lowered to the 3 it has: that generation
+    decodes eagerly (its head compiles), to the same tokens, rather than failing.
+    """
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()  # other tests' graphs of Block.forward would count towards the limit
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    tokens = torch.randint(0, 32, (2, 58), generator=torch.Generator().manual_seed(1))
+    prompts = [tokens[:1, :1 + 3 * i] for i in range(20)] + [tokens[:, :5]]
+    eager = [model.generate(p, 2, top_k=1) for p in prompts]
+    assert all(torch.equal(e, model.generate(p, 2, top_k=1, use_cache=False)) for e, p in zip(eager, prompts))
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_decoding(model, backend=counter)
+    compiled, frames = [], []
+    for i, p in enumerate(prompts):
+        with torch._dynamo.config.patch(recompile_limit=3 if i == 20 else 8):
+            compiled.append(model.generate(p, 2, top_k=1))
+        frames.append(counter.frame_count)
+    torch._dynamo.reset()
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+    assert frames == [2] * 5 + [3] * 5 + [4] * 10 + [5]  # up to 16 positions, to 32, to 64; then the head's
 
 
 def test_generate_py_compiles_in_bf16():
@@ -101,6 +132,27 @@ def test_one_row_products_become_fused_reductions(rows, matrix_kernel):
         assert ("extern_kernels.addmm(" in code or "extern_kernels.mm(" in code) == matrix_kernel
         assert torch.allclose(out, torch.nn.functional.linear(x, weight, b), atol=1e-5)
         torch._dynamo.reset()
+
+
+def test_a_one_row_product_in_bf16_rounds_once_as_addmm():
+    """
+    With a bias, bf16 addmm adds it to the float32 sums and rounds once; rounding the product
+    to bf16 first and then its sum with the bias differed in 64 of these 256 outputs. Inductor
+    rounds where the graph says only with `emulate_precision_casts` (otherwise a fused kernel may
+    keep float32 between the two, which hid the second rounding here, but not in every fusion).
+    """
+    from dtensor_gpt.one_row_products import OneRowProductsAsReductions
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 64, generator=g).bfloat16(), torch.randn(256, 64, generator=g).bfloat16()
+    bias = torch.randn(256, generator=g).bfloat16()
+    compiled = torch.compile(torch.nn.functional.linear, fullgraph=True, dynamic=False,
+                             options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            torch._inductor.config.patch(emulate_precision_casts=True):
+        out = compiled(x, weight, bias)
+    torch._dynamo.reset()
+    assert torch.equal(out, torch.nn.functional.linear(x, weight, bias))
 
 
 @pytest.mark.parametrize("queries, fused_kernel", [(1, False), (2, True)])

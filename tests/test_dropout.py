@@ -237,3 +237,17 @@ def test_dropout_adds_no_collective(plan):
             counts[p] = comm_counts(mode)
     assert counts[P] == counts[0.0]
     assert sum(counts[P]["forward"]["Global"].values()) > 0
+
+
+def test_a_forward_that_raises_in_attention_leaves_no_implicit_replication():
+    """Training mode enters implicit replication for attention's forward; an exception inside it closes it too."""
+    with fake_process_group(2):
+        model = parallelize(GPT(small_config(dropout=P)), init_device_mesh("cpu", (2,))).train()
+
+        def fail(module, args):
+            raise RuntimeError("inside attention")
+
+        model.transformer.h[0].attn.c_proj.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="inside attention"):
+            model(torch.zeros(1, 8, dtype=torch.long))
+        assert DTensor._op_dispatcher._allow_implicit_replication is False

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel sampling: softmax's distribution, the same text at every TP degree, k * TP candidates on the wire."""
+"""Vocabulary-parallel sampling: softmax's distribution, nanoGPT's top-k, the same text at every TP degree, (k + 1) * TP candidates on the wire."""
 
 import json
 from pathlib import Path
@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 from distributed import run_distributed
 from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
 from dtensor_gpt.model import KVCache
-from dtensor_gpt.sampling import VocabParallelSampler, gumbel_noise
+from dtensor_gpt.sampling import VocabParallelSampler, exchanged_bytes, gumbel_noise
 from helpers import fake_process_group, small_config
 
 SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "models" / "shakespeare_char"
@@ -40,6 +41,33 @@ def test_noise_is_a_pure_function_of_seed_step_row_and_id():
     assert abs(many.mean().item() - 0.5772) < 0.01 and abs(many.var().item() - 1.6449) < 0.03, "Gumbel(0, 1)"
 
 
+# 16 ids, top 3: the 3rd largest value, 1, is held by 6 ids, 4 of them on the first quarter
+TIED = torch.zeros(400, 16)
+TIED[:, [0, 1, 2, 3, 5, 13]], TIED[:, 10] = 1.0, 2.0
+
+
+def _tied_draws(rank, world_size):
+    logits = distribute_tensor(TIED, init_device_mesh("cpu", (world_size,)), [Shard(1)])
+    return VocabParallelSampler(seed=5)(logits, top_k=3).flatten().tolist()
+
+
+def test_top_k_keeps_every_tie_as_nanogpt_at_tp_1_2_4():
+    """
+    nanoGPT's rule keeps every logit >= the k-th largest: here 7 ids, though k is 3. At TP=2 the
+    first rank holds 5 of the ties, at TP=4 the first 4 (its best 3 show 3 of them) and the others
+    one each. Every degree draws what the Gumbel-max draw over nanoGPT's kept logits draws, for
+    each of 400 rows; all 7 are drawn, and the candidates sent are each rank's 3 best and 1 more.
+    """
+    kept = TIED.clone()
+    kept[kept < TIED.topk(3).values[:, [-1]]] = -float("inf")
+    reference = (kept.double() + gumbel_noise(5, 0, torch.arange(16).expand(400, 16))).argmax(-1).tolist()
+    assert set(reference) == {0, 1, 2, 3, 5, 10, 13}
+    assert VocabParallelSampler(seed=5)(TIED, top_k=3).flatten().tolist() == reference
+    assert run_distributed(_tied_draws, 2) == reference
+    assert run_distributed(_tied_draws, 4) == reference
+    assert [exchanged_bytes(16, tp, 400, 3) for tp in (1, 2, 4)] == [tp * 400 * 4 * 6 for tp in (1, 2, 4)]
+
+
 def _texts(rank, world_size):
     """Top-k 200 and full-softmax samples of two prompts (a batch), one seed."""
     with open(SHIPPED / "index.json") as f:
@@ -60,7 +88,7 @@ def test_seeded_text_is_the_same_at_tp_1_2_4():
 
 
 def test_a_decode_step_exchanges_only_candidates():
-    """TP=4: the blocks' all-reduces and one all-gather of 4 x k candidates of 6 bytes; no logits gathered."""
+    """TP=4: the blocks' all-reduces and one all-gather of 4 x (k + 1) candidates of 6 bytes; no logits gathered."""
     config = small_config(vocab_size=65, n_layer=2)
     with fake_process_group(4):
         model = parallelize(GPT(config), init_device_mesh("cpu", (4,)), "megatron", loss_parallel=True).eval()
