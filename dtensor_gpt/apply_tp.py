@@ -121,4 +121,6 @@ def apply_tp(model, tp_mesh, styles):
     sharding_rules.register()
     parallelize_module(model, tp_mesh, styles)
     retie(model, tied)
+    if any(p.is_meta for p in model.parameters()):
+        return model  # the hooks go on the allocated parameters (`materialize.allocate`)
     return reduce_partial_grads_after_backward(model)

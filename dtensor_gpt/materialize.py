@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtensor_gpt import layout
-from dtensor_gpt.apply_tp import retie, tied_parameters
+from dtensor_gpt.partial_grads import reduce_partial_grads_after_backward
 
 aten = torch.ops.aten
 _OVERWRITE = {aten.normal_.default, aten.uniform_.default, aten.fill_.Scalar, aten.zero_.default,
@@ -61,11 +61,26 @@ def shard_device(model):
 
 
 def allocate(model, device=None):
-    """Give a meta model's shards memory on `device` (default: `shard_device`), uninitialised; tied parameters stay one."""
-    tied = tied_parameters(model)
-    model.to_empty(device=device or shard_device(model))  # a plain parameter moved off meta is a new one per module
-    retie(model, tied)
-    return model
+    """
+    Give a meta model's shards memory on `device` (default: `shard_device`), uninitialised;
+    every parameter stays the same object (an optimizer made on meta keeps working, tied ones
+    stay one), and megatron-sp's partial gradients are hooked here (see `apply_tp`).
+    """
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # every Parameter stays the same object
+    device = torch.device(device or shard_device(model))
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    for p in model.parameters():
+        # The swap keeps the Python side of a parameter's hooks but not all of autograd's
+        # registration of them (a later registration then skips it): none survive, and the
+        # partial-gradient hooks are registered anew on the allocated parameters.
+        p._backward_hooks = p._post_accumulate_grad_hooks = None
+    if device.type == "meta":
+        return model
+    return reduce_partial_grads_after_backward(model)
 
 
 def local_values(target):

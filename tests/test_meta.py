@@ -6,6 +6,7 @@ single-device model's weights, from a seed or from a checkpoint.
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
 from distributed import run_distributed
@@ -56,9 +57,19 @@ def test_a_forward_on_meta_is_one_clear_error():
             model(torch.zeros(1, 4, dtype=torch.long))
 
 
+def _backward_twice(model, idx):
+    """Gradients accumulated over two backwards, and each backward's collectives."""
+    counts = []
+    for _ in range(2):
+        with loss_parallel(), CommDebugMode() as mode:
+            model(idx, idx)[1].backward()
+        counts.append({str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items() if n})
+    return {name: full(p.grad).clone() for name, p in model.named_parameters()}, counts
+
+
 def _load_on_meta(rank, world_size, path, bad_path):
     mesh = init_device_mesh("cpu", (world_size,))
-    model = _meta_model(mesh, "megatron", small_config())
+    model = _meta_model(mesh, "megatron-sp", small_config())
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(model, bad_path)
     refused_to_meta = all(p.is_meta for p in model.parameters())
@@ -66,20 +77,33 @@ def _load_on_meta(rank, world_size, path, bad_path):
     idx = torch.arange(24).reshape(2, 12) % 96
     with torch.no_grad(), loss_parallel():
         logits = full(model(idx, idx)[0])
-    return logits, refused_to_meta, model.lm_head.weight is model.transformer.wte.weight
+    grads, counts = _backward_twice(model, idx)
+    built_whole = parallelize(GPT(small_config()), mesh, "megatron-sp", loss_parallel=True)  # the collectives to expect
+    return logits, grads, counts, _backward_twice(built_whole, idx)[1], refused_to_meta, \
+        model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_a_checkpoint_loads_into_shards_allocated_on_load(tmp_path):
+    """
+    megatron-sp's LayerNorm gradients are hooked on the allocated parameters: reduced once per
+    backward and accumulated exactly, even after a refused load sent the model back to meta.
+    """
     torch.manual_seed(SEED)
     reference = GPT(small_config())
     save_checkpoint(reference, str(tmp_path / "ckpt"))
     with torch.no_grad():
         reference.transformer.h[1].mlp.c_fc.weight[-1, 0] = float("nan")  # in the last rank's shard
     save_checkpoint(reference, str(tmp_path / "nan"))
-    logits, refused_to_meta, tied = run_distributed(_load_on_meta, 2, str(tmp_path / "ckpt"), str(tmp_path / "nan"))
+    logits, grads, counts, expected_counts, refused_to_meta, tied = run_distributed(
+        _load_on_meta, 2, str(tmp_path / "ckpt"), str(tmp_path / "nan"))
     torch.manual_seed(SEED)
+    reference = GPT(small_config())
     idx = torch.arange(24).reshape(2, 12) % 96
     with torch.no_grad():
-        expected = GPT(small_config())(idx, idx)[0]
+        expected = reference(idx, idx)[0]
+    for _ in range(2):
+        reference(idx, idx)[1].backward()
     assert refused_to_meta, "a refused load leaves the model holding nothing, as it was"
     assert tied and (logits - expected).abs().max().item() < 1e-5
+    assert max((grads[n] - p.grad).abs().max().item() for n, p in reference.named_parameters()) < 1e-5
+    assert counts == expected_counts and counts[0] == counts[1], (counts, expected_counts)
