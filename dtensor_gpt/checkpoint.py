@@ -103,10 +103,8 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     rank, parts, writer = _tp_rank(_resharded(model))
     first = writer and rank == 0  # one process cleans up, creates, indexes and publishes
     distributed = dist.is_initialized() and dist.get_world_size() > 1
-    if first:
-        clean_stale_temporaries(path)
-    if distributed:
-        dist.barrier()
+    where = dist.get_rank() if distributed else 0
+    _agree(_attempt(first, path, where, clean_stale_temporaries, path), distributed)
     if os.path.exists(path):
         refusal = f"{path} exists; pass overwrite=True to replace it" if not overwrite else not_a_checkpoint(path)
         if refusal:
@@ -137,43 +135,64 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     if distributed:
         dist.broadcast_object_list(names, src=0)  # rank 0's index is the one written; every file carries its hash
     ident, tmp, index_digest = names
-    if first:
-        os.makedirs(tmp)
-    if distributed:
-        dist.barrier()
+    _agree(_attempt(first, path, where, os.makedirs, tmp), distributed)
 
-    digest = {}
-    if writer:
-        fname = rank_file(rank, parts)
-        meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts, index_sha256=index_digest)
-        try:
-            with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as out:
-                for n, t in mine:
-                    out.write(n, t)
-            digest = {fname: dict(sha256=sha256(os.path.join(tmp, fname)), bytes=os.path.getsize(os.path.join(tmp, fname)))}
-        except OSError as e:  # reported to every rank below, so none waits and rank 0 removes the rest
-            digest = {None: out_of_room(e, path, needed)}
-    digests = [digest]
-    if distributed:
-        digests = [None] * dist.get_world_size()
-        dist.all_gather_object(digests, digest)
-    failed = [d[None] for d in digests if None in d]
+    meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts, index_sha256=index_digest)
+    unfinished = tmp if first else None  # removed by rank 0 when any rank fails
+    digest = _attempt(writer, path, where, _write_rank_file, os.path.join(tmp, rank_file(rank, parts)), mine, meta,
+                      needed=needed)
+    digests = _agree(digest, distributed, remove=unfinished)
+    files = {fname: d for digest in digests if digest for fname, d in digest.items()}
+    failure = _attempt(first, path, where, _write_and_publish, tmp, path, dict(index, files=files), overwrite)
+    _agree(failure, distributed, src=0, remove=unfinished)
+
+
+def _attempt(runs, path, rank, step, *args, needed=None):
+    """
+    `step(*args)` where `runs`: its result, or, if it raised, the one line every rank is to
+    raise (an OSError while writing `needed` bytes names the space). A step that only some
+    ranks run must not raise there: the others would wait at the next collective until the
+    process group's timeout.
+    """
+    if not runs:
+        return None
+    try:
+        return step(*args)
+    except Exception as e:
+        reason = out_of_room(e, path, needed) if needed and isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        return f"saving {path} failed on rank {rank}: {reason}"
+
+
+def _agree(outcome, distributed, src=None, remove=None):
+    """
+    Every rank's `_attempt` outcome (or rank `src`'s alone), exchanged: the first failure is
+    raised on every rank alike, once `remove` (an unfinished directory) is deleted.
+    """
+    outcomes = [outcome]
+    if distributed and src is None:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome)
+    elif distributed:
+        dist.broadcast_object_list(outcomes, src=src)
+    failed = [o for o in outcomes if isinstance(o, str)]
     if failed:
-        if first:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if remove:
+            shutil.rmtree(remove, ignore_errors=True)
         raise CheckpointError(failed[0])
-    failure = [None]
-    if first:
-        try:
-            write_index(tmp, dict(index, files={k: v for d in digests for k, v in d.items()}))
-            publish(tmp, path, overwrite, not_a_checkpoint)
-        except (OSError, ValueError) as e:
-            failure = [f"{type(e).__name__}: {e}"]
-            shutil.rmtree(tmp, ignore_errors=True)
-    if distributed:
-        dist.broadcast_object_list(failure, src=0)  # every rank learns the outcome; none waits forever
-    if failure[0]:
-        raise CheckpointError(f"saving {path} failed on rank 0: {failure[0]}")
+    return outcomes
+
+
+def _write_rank_file(file, tensors, meta):
+    """Write one rank's tensors, fsynced; its entries of the index's `files`."""
+    with StreamingWriter(file, [(n, t.dtype, t.shape) for n, t in tensors], meta) as out:
+        for n, t in tensors:
+            out.write(n, t)
+    return {os.path.basename(file): dict(sha256=sha256(file), bytes=os.path.getsize(file))}
+
+
+def _write_and_publish(tmp, path, index, overwrite):
+    write_index(tmp, index)
+    publish(tmp, path, overwrite, not_a_checkpoint)
 
 
 def _tp_values(ckpt, name, target):
