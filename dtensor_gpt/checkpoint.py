@@ -250,11 +250,29 @@ def _refuse_overflow(path, dtype, overflows, replicated, params):
                               f"(±{torch.finfo(cast).max:g}), which would load as infinity; load it in fp32 or bf16")
 
 
+def _scalar_state(optimizer, p, key, saved):
+    """
+    A scalar of optimizer state, where `Optimizer.load_state_dict` puts it
+    (`_process_value_according_to_param_policy`): a fused or capturable optimizer's `step`
+    as float32 on the parameter's device, whose kernels read it there; another's on the CPU
+    as saved; any other scalar in the parameter's dtype and device.
+    """
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    if key != "step":
+        return torch.zeros((), dtype=p.dtype if p.is_floating_point() else saved, device=p.device)
+    if group.get("fused") or group.get("capturable"):
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.zeros((), dtype=saved)
+
+
 def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     """
     Load a checkpoint of any TP degree (or a Hugging Face GPT-2 directory, or a nanoGPT
     ckpt.pt) into `model`, parallelized at any TP degree or not, and with `optimizer` its
-    saved optimizer state. `dtype` ("fp32", "bf16" or "fp16") casts the model's floating
+    saved optimizer state, placed where `optimizer.load_state_dict` would place it. `path`
+    may be a source `open_source` returned, already validated (and verified if asked then):
+    a caller that read its config to build the model loads it without opening it again,
+    and closes it itself (`with source:`). `dtype` ("fp32", "bf16" or "fp16") casts the model's floating
     parameters and the values read into them; without it the checkpoint's dtypes must be the
     model's. Everything is checked before a parameter changes: the index
     against the hash its files carry, always (`verify` also hashes every file, which makes
@@ -267,7 +285,13 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
         raise ValueError(f"dtype={dtype!r} is not a dtype to load into; give one of {', '.join(DTYPE_NAMES)}")
     if dtype is not None and optimizer is not None:
         raise ValueError(f"dtype={dtype!r} casts a model for inference; load an optimizer's state without it")
-    ckpt = open_source(path, verify)
+    if isinstance(path, (str, os.PathLike)):
+        with open_source(path, verify) as source:
+            return load_checkpoint(model, source, optimizer=optimizer, dtype=dtype)
+    if verify:
+        raise ValueError(f"verify=True hashes the files as they are opened, but {path.path} is open already; "
+                         f"open it with open_source({path.path!r}, verify=True)")
+    ckpt, path = path, path.path
     params, tied = unique_parameters(_resharded(model))
     for field in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
         have, want = getattr(model.config, field), ckpt.config[field]
@@ -310,7 +334,7 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
             for key in states.get(name, []):
                 entry = ckpt.tensors[f"optimizer.{key}.{name}"]
                 targets[f"optimizer.{key}.{name}"] = (torch.zeros_like(p) if entry["shape"]
-                                                      else torch.zeros((), dtype=TORCH_DTYPES[entry["dtype"]]))
+                                                      else _scalar_state(optimizer, p, key, TORCH_DTYPES[entry["dtype"]]))
             for tname, target in targets.items():
                 values = _tp_values(ckpt, tname, target)
                 counts[tname] = non_finite(values)
