@@ -104,10 +104,8 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     rank, parts, writer = _tp_rank(_resharded(model))
     first = writer and rank == 0  # one process cleans up, creates, indexes and publishes
     distributed = dist.is_initialized() and dist.get_world_size() > 1
-    if first:
-        clean_stale_temporaries(path)
-    if distributed:
-        dist.barrier()
+    where = dist.get_rank() if distributed else 0
+    _agree(_attempt(first, path, where, clean_stale_temporaries, path), distributed)
     if os.path.exists(path):
         refusal = f"{path} exists; pass overwrite=True to replace it" if not overwrite else not_a_checkpoint(path)
         if refusal:
@@ -138,43 +136,64 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     if distributed:
         dist.broadcast_object_list(names, src=0)  # rank 0's index is the one written; every file carries its hash
     ident, tmp, index_digest = names
-    if first:
-        os.makedirs(tmp)
-    if distributed:
-        dist.barrier()
+    _agree(_attempt(first, path, where, os.makedirs, tmp), distributed)
 
-    digest = {}
-    if writer:
-        fname = rank_file(rank, parts)
-        meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts, index_sha256=index_digest)
-        try:
-            with StreamingWriter(os.path.join(tmp, fname), [(n, t.dtype, t.shape) for n, t in mine], meta) as out:
-                for n, t in mine:
-                    out.write(n, t)
-            digest = {fname: dict(sha256=sha256(os.path.join(tmp, fname)), bytes=os.path.getsize(os.path.join(tmp, fname)))}
-        except OSError as e:  # reported to every rank below, so none waits and rank 0 removes the rest
-            digest = {None: out_of_room(e, path, needed)}
-    digests = [digest]
-    if distributed:
-        digests = [None] * dist.get_world_size()
-        dist.all_gather_object(digests, digest)
-    failed = [d[None] for d in digests if None in d]
+    meta = dict(format=FORMAT, id=ident, rank=rank, tp=parts, index_sha256=index_digest)
+    unfinished = tmp if first else None  # removed by rank 0 when any rank fails
+    digest = _attempt(writer, path, where, _write_rank_file, os.path.join(tmp, rank_file(rank, parts)), mine, meta,
+                      needed=needed)
+    digests = _agree(digest, distributed, remove=unfinished)
+    files = {fname: d for digest in digests if digest for fname, d in digest.items()}
+    failure = _attempt(first, path, where, _write_and_publish, tmp, path, dict(index, files=files), overwrite)
+    _agree(failure, distributed, src=0, remove=unfinished)
+
+
+def _attempt(runs, path, rank, step, *args, needed=None):
+    """
+    `step(*args)` where `runs`: its result, or, if it raised, the one line every rank is to
+    raise (an OSError while writing `needed` bytes names the space). A step that only some
+    ranks run must not raise there: the others would wait at the next collective until the
+    process group's timeout.
+    """
+    if not runs:
+        return None
+    try:
+        return step(*args)
+    except Exception as e:
+        reason = out_of_room(e, path, needed) if needed and isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        return f"saving {path} failed on rank {rank}: {reason}"
+
+
+def _agree(outcome, distributed, src=None, remove=None):
+    """
+    Every rank's `_attempt` outcome (or rank `src`'s alone), exchanged: the first failure is
+    raised on every rank alike, once `remove` (an unfinished directory) is deleted.
+    """
+    outcomes = [outcome]
+    if distributed and src is None:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome)
+    elif distributed:
+        dist.broadcast_object_list(outcomes, src=src)
+    failed = [o for o in outcomes if isinstance(o, str)]
     if failed:
-        if first:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if remove:
+            shutil.rmtree(remove, ignore_errors=True)
         raise CheckpointError(failed[0])
-    failure = [None]
-    if first:
-        try:
-            write_index(tmp, dict(index, files={k: v for d in digests for k, v in d.items()}))
-            publish(tmp, path, overwrite, not_a_checkpoint)
-        except (OSError, ValueError) as e:
-            failure = [f"{type(e).__name__}: {e}"]
-            shutil.rmtree(tmp, ignore_errors=True)
-    if distributed:
-        dist.broadcast_object_list(failure, src=0)  # every rank learns the outcome; none waits forever
-    if failure[0]:
-        raise CheckpointError(f"saving {path} failed on rank 0: {failure[0]}")
+    return outcomes
+
+
+def _write_rank_file(file, tensors, meta):
+    """Write one rank's tensors, fsynced; its entries of the index's `files`."""
+    with StreamingWriter(file, [(n, t.dtype, t.shape) for n, t in tensors], meta) as out:
+        for n, t in tensors:
+            out.write(n, t)
+    return {os.path.basename(file): dict(sha256=sha256(file), bytes=os.path.getsize(file))}
+
+
+def _write_and_publish(tmp, path, index, overwrite):
+    write_index(tmp, index)
+    publish(tmp, path, overwrite, not_a_checkpoint)
 
 
 def _tp_group(params):
@@ -213,11 +232,29 @@ def _refuse_overflow(path, dtype, overflows, replicated, params):
                               f"(±{torch.finfo(cast).max:g}), which would load as infinity; load it in fp32 or bf16")
 
 
+def _scalar_state(optimizer, p, key, saved):
+    """
+    A scalar of optimizer state, where `Optimizer.load_state_dict` puts it
+    (`_process_value_according_to_param_policy`): a fused or capturable optimizer's `step`
+    as float32 on the parameter's device, whose kernels read it there; another's on the CPU
+    as saved; any other scalar in the parameter's dtype and device.
+    """
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    if key != "step":
+        return torch.zeros((), dtype=p.dtype if p.is_floating_point() else saved, device=p.device)
+    if group.get("fused") or group.get("capturable"):
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.zeros((), dtype=saved)
+
+
 def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     """
     Load a checkpoint of any TP degree (or a Hugging Face GPT-2 directory, or a nanoGPT
     ckpt.pt) into `model`, parallelized at any TP degree or not, and with `optimizer` its
-    saved optimizer state. `dtype` ("fp32", "bf16" or "fp16") casts the model's floating
+    saved optimizer state, placed where `optimizer.load_state_dict` would place it. `path`
+    may be a source `open_source` returned, already validated (and verified if asked then):
+    a caller that read its config to build the model loads it without opening it again,
+    and closes it itself (`with source:`). `dtype` ("fp32", "bf16" or "fp16") casts the model's floating
     parameters and the values read into them; without it the checkpoint's dtypes must be the
     model's. Everything is checked before a parameter changes: the index
     against the hash its files carry, always (`verify` also hashes every file, which makes
@@ -230,7 +267,13 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
         raise ValueError(f"dtype={dtype!r} is not a dtype to load into; give one of {', '.join(DTYPE_NAMES)}")
     if dtype is not None and optimizer is not None:
         raise ValueError(f"dtype={dtype!r} casts a model for inference; load an optimizer's state without it")
-    ckpt = open_source(path, verify)
+    if isinstance(path, (str, os.PathLike)):
+        with open_source(path, verify) as source:
+            return load_checkpoint(model, source, optimizer=optimizer, dtype=dtype)
+    if verify:
+        raise ValueError(f"verify=True hashes the files as they are opened, but {path.path} is open already; "
+                         f"open it with open_source({path.path!r}, verify=True)")
+    ckpt, path = path, path.path
     params, tied = unique_parameters(_resharded(model))
     for field in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
         have, want = getattr(model.config, field), ckpt.config[field]
@@ -288,7 +331,7 @@ def _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh):
             for key in states.get(name, []):
                 entry = ckpt.tensors[f"optimizer.{key}.{name}"]
                 targets[f"optimizer.{key}.{name}"] = (torch.zeros_like(p) if entry["shape"]
-                                                      else torch.zeros((), dtype=TORCH_DTYPES[entry["dtype"]]))
+                                                      else _scalar_state(optimizer, p, key, TORCH_DTYPES[entry["dtype"]]))
             for tname, target in targets.items():
                 values = layout.shard_values(ckpt, tname, target)
                 counts[tname] = non_finite(values)

@@ -245,15 +245,25 @@ class Checkpoint:
         self.bytes_read = 0
         self._files = {}
         digest = index_sha256(self.index)
-        for rank in range(self.parts):
-            self._open(rank, verify, digest)
-        for name, entry in self.tensors.items():
-            for fname in entry["files"]:
-                self._check_tensor(fname, name, entry)
-        for fname, f in self._files.items():
-            unexpected = sorted(set(f.keys()) - {n for n, e in self.tensors.items() if fname in e["files"]})
-            if unexpected:
-                raise CheckpointError(f"{os.path.join(path, fname)} holds {unexpected}, which {INDEX} does not list there")
+        try:
+            for rank in range(self.parts):
+                self._open(rank, verify, digest)
+            for name, entry in self.tensors.items():
+                for fname in entry["files"]:
+                    self._check_tensor(fname, name, entry)
+            for fname, f in self._files.items():
+                unexpected = sorted(set(f.keys()) - {n for n, e in self.tensors.items() if fname in e["files"]})
+                if unexpected:
+                    raise CheckpointError(f"{os.path.join(path, fname)} holds {unexpected}, which {INDEX} does not list there")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Unmap the rank files now: a refused or loaded checkpoint holds nothing open until the garbage collector runs."""
+        for handle in self._files.values():
+            handle.__exit__(None, None, None)
+        self._files = {}
 
     def _open(self, rank, verify, digest):
         fname = rank_file(rank, self.parts)
@@ -267,6 +277,7 @@ class Checkpoint:
             handle = safe_open(regular_file(full), "pt")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{full} is truncated or corrupted: {e}") from None
+        self._files[fname] = handle
         meta = handle.metadata() or {}
         if meta.get("id") != self.index["id"]:
             raise CheckpointError(
@@ -283,7 +294,6 @@ class Checkpoint:
                 f"the file records {str(meta.get('index_sha256'))[:12]}...): the index was edited or replaced after the "
                 f"checkpoint was saved; restore it from a copy, or save the checkpoint again"
             )
-        self._files[fname] = handle
 
     def _check_tensor(self, fname, name, entry):
         handle = self._files.get(fname)

@@ -119,7 +119,8 @@ def publish(tmp, path, overwrite, replaceable):
     """
     Rename the finished directory `tmp` to `path`. An existing `path` is replaced only with
     `overwrite` and only if `replaceable(path)` returns None; otherwise its answer (why not)
-    is raised. Either refusal is a ValueError, raised before anything moves.
+    is raised. Either refusal is a ValueError, raised before anything moves. If `tmp` cannot
+    take the place of the existing `path`, that one is put back before the error is raised.
     """
     if os.path.exists(path):
         if not overwrite:
@@ -129,7 +130,11 @@ def publish(tmp, path, overwrite, replaceable):
             raise ValueError(refusal)
         old = tmp + ".old"
         os.rename(path, old)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            os.rename(old, path)
+            raise
         fsync_dir(os.path.dirname(os.path.abspath(path)))
         shutil.rmtree(old)
     else:

@@ -33,7 +33,11 @@ class StreamingWriter:
         text += b" " * (-len(text) % 8)
         self.size = 8 + len(text) + offset
         self.file = open(path, "wb")
-        self.file.write(len(text).to_bytes(8, "little") + text)
+        try:
+            self.file.write(len(text).to_bytes(8, "little") + text)
+        except BaseException:  # `with` calls __exit__ only once __init__ has returned
+            self.file.close()
+            raise
         self.next = 0
 
     def write(self, name, tensor):

@@ -131,6 +131,15 @@ class _Source:
     optimizer_groups = None
     tied = {"lm_head.weight": "transformer.wte.weight"}
 
+    def close(self):
+        """Release the files read from now, not whenever the garbage collector gets to them."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _entries(self, shapes, dtypes, where):
         unusable = {n: dtypes[n] for n in shapes if dtypes[n] not in FLOATS}
         if unusable:
@@ -147,6 +156,7 @@ class HFSource(_Source):
     """
 
     def __init__(self, path):
+        self.path = path
         where = os.path.join(path, "config.json")
         fix = "correct config.json, or use the weights it was written for"
         hf = read_json(where)
@@ -176,25 +186,32 @@ class HFSource(_Source):
             self.file = safe_open(regular_file(file), "pt")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} cannot be read: {e}") from None
-        keys = set(self.file.keys())
-        self.prefix = "transformer." if "transformer.wte.weight" in keys else ""
-        shapes, dtypes = {}, {}
-        for key in keys:
-            name = key if key.startswith("transformer.") or key == "lm_head.weight" else "transformer." + key
-            piece = self.file.get_slice(key)
-            shape = list(piece.get_shape())
-            shapes[name] = shape[::-1] if name.endswith(CONV1D) else shape
-            dtypes[name] = piece.get_dtype()
-        if "lm_head.weight" in shapes and shapes["lm_head.weight"] != shapes.get("transformer.wte.weight"):
-            raise CheckpointError(f"{file}: lm_head.weight has shape {shapes['lm_head.weight']}, not wte's; this GPT ties them")
-        shapes.pop("lm_head.weight", None)  # tied to wte, as transformers ties it: GPT2LMHeadModel never reads it
-        check_weights(self.config, shapes, where, fix, GPT2_FIELDS, masks=True)
-        self.tensors = self._entries({n: shapes[n] for n in gpt_names(self.config["n_layer"])}, dtypes, file)
-        if os.path.lexists(os.path.join(path, CHARACTERS)):
-            chars = read_json(os.path.join(path, CHARACTERS))
-            if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
-                raise CheckpointError(f"{os.path.join(path, CHARACTERS)} must be a JSON list of the model's characters in id order")
-            self.extra = {"chars": chars}
+        try:
+            keys = set(self.file.keys())
+            self.prefix = "transformer." if "transformer.wte.weight" in keys else ""
+            shapes, dtypes = {}, {}
+            for key in keys:
+                name = key if key.startswith("transformer.") or key == "lm_head.weight" else "transformer." + key
+                piece = self.file.get_slice(key)
+                shape = list(piece.get_shape())
+                shapes[name] = shape[::-1] if name.endswith(CONV1D) else shape
+                dtypes[name] = piece.get_dtype()
+            if "lm_head.weight" in shapes and shapes["lm_head.weight"] != shapes.get("transformer.wte.weight"):
+                raise CheckpointError(f"{file}: lm_head.weight has shape {shapes['lm_head.weight']}, not wte's; this GPT ties them")
+            shapes.pop("lm_head.weight", None)  # tied to wte, as transformers ties it: GPT2LMHeadModel never reads it
+            check_weights(self.config, shapes, where, fix, GPT2_FIELDS, masks=True)
+            self.tensors = self._entries({n: shapes[n] for n in gpt_names(self.config["n_layer"])}, dtypes, file)
+            if os.path.lexists(os.path.join(path, CHARACTERS)):
+                chars = read_json(os.path.join(path, CHARACTERS))
+                if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+                    raise CheckpointError(f"{os.path.join(path, CHARACTERS)} must be a JSON list of the model's characters in id order")
+                self.extra = {"chars": chars}
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        self.file.__exit__(None, None, None)
 
     def hf_key(self, name):
         return self.prefix + name[len("transformer."):]
@@ -250,6 +267,7 @@ class NanoGPTSource(_Source):
     """
 
     def __init__(self, path, verify=False):
+        self.path = path
         check_archive(regular_file(path))
         if verify:
             check_crc32(path)
@@ -363,9 +381,17 @@ class NativeSource(_Source):
     """
 
     def __init__(self, path, verify):
+        self.path = path
         self.ckpt = Checkpoint(path, verify)
+        try:
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self):
         index = self.ckpt.index
-        where = os.path.join(path, INDEX)
+        where = os.path.join(self.path, INDEX)
         self.config, self.id, self.plan, self.tied = index["config"], index["id"], index.get("plan"), index["tied"]
         self.tensors = self.ckpt.tensors
         self.optimizer_groups = index.get("optimizer_groups")
@@ -383,6 +409,9 @@ class NativeSource(_Source):
         check_weights(self.config, {n: e["shape"] for n, e in self.tensors.items() if not n.startswith(("optimizer.", "extra."))},
                       where, DAMAGED, {f: f"config.{f}" for f in self.config})
         check_optimizer_state(self.tensors, where, DAMAGED)
+
+    def close(self):
+        self.ckpt.close()
 
     @property
     def bytes_read(self):

@@ -95,7 +95,8 @@ def load_model(args, mesh):
             sys.stdout = stdout
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **options)
-    load_checkpoint(model, args.checkpoint, dtype=args.dtype)
+    with source:
+        load_checkpoint(model, source, dtype=args.dtype)
     if args.compile:
         compile_decoding(model)
     return model.eval(), tokenizer

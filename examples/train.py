@@ -377,10 +377,12 @@ def _train(args, mesh, say):
     evals = torch.Generator().manual_seed(args.seed + 1)
     first = 0
     if args.init_from:
-        load_checkpoint(model, args.init_from)
+        with source:
+            load_checkpoint(model, source)
         say(f"initialized from {args.init_from}")
     if args.resume:
-        saved = load_checkpoint(model, args.resume, optimizer=optimizer)
+        with source:
+            saved = load_checkpoint(model, source, optimizer=optimizer)
         first = saved["extra"].get("iter", saved["extra"].get("nanogpt", {}).get("iter_num", 0))
         if first >= args.max_iters:
             raise ValueError(f"--resume {args.resume} is at iteration {first}; pass --max-iters above it")

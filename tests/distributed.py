@@ -4,6 +4,7 @@ import os
 import pickle
 import tempfile
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -12,11 +13,12 @@ import torch.multiprocessing as mp
 from dtensor_gpt.launch import exit_distributed
 
 
-def _worker(rank, world_size, init_file, result_file, fn, args):
+def _worker(rank, world_size, init_file, result_file, fn, args, timeout):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["WORLD_SIZE"] = str(world_size)  # as torchrun sets it: examples/train.py checks --dp against it
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timeout and timedelta(seconds=timeout))
     try:
         result = fn(rank, world_size, *args)
         if rank == 0:
@@ -29,18 +31,19 @@ def _worker(rank, world_size, init_file, result_file, fn, args):
     exit_distributed()
 
 
-def run_distributed(fn, world_size, *args):
+def run_distributed(fn, world_size, *args, timeout=None):
     """
     Spawn `world_size` processes running `fn(rank, world_size, *args)` under gloo.
 
     Rendezvous goes through a fresh file (no TCP port to collide between pytest-xdist
-    workers); `fn` must be a module-level function so that spawn can pickle it.
+    workers); `fn` must be a module-level function so that spawn can pickle it. `timeout`
+    (seconds) bounds every collective, so that a rank left waiting fails the test, not hangs it.
     """
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         result_file = os.path.join(tmp, "result.pkl")
         mp.start_processes(
-            _worker, args=(world_size, init_file, result_file, fn, args),
+            _worker, args=(world_size, init_file, result_file, fn, args, timeout),
             nprocs=world_size, join=True, start_method="spawn",
         )
         with open(result_file, "rb") as f:

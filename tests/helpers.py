@@ -10,7 +10,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
-from dtensor_gpt import GPT, GPTConfig, parallelize
+from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
 
 # n_head=12 and vocab 96 are divisible by every TP degree under test (1, 2, 3, 4)
 SMALL = dict(block_size=32, vocab_size=96, n_layer=2, n_head=12, n_embd=96)
@@ -196,3 +196,35 @@ def exit_status(main, argv):
         return main(argv)
     except SystemExit as e:
         return e.code
+
+
+def _adamw_steps(model, optimizer, steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator).to(model.lm_head.weight.device)
+        model(idx, idx)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def resumed_adamw(path, device="cpu", **options):
+    """
+    A small GPT on `device` trained 4 steps with AdamW(**options), and one resumed from its
+    checkpoint after 2: (whether their weights are equal, {state key: (device, dtype)} as
+    load_checkpoint places the state, the same as Optimizer.load_state_dict places it).
+    """
+    torch.manual_seed(0)
+    model = GPT(small_config()).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, **options)
+    _adamw_steps(model, optimizer, 2, seed=1)
+    save_checkpoint(model, path, optimizer=optimizer)
+    by_torch = torch.optim.AdamW(GPT(small_config()).to(device).parameters(), lr=1e-2, **options)
+    by_torch.load_state_dict(optimizer.state_dict())
+    _adamw_steps(model, optimizer, 2, seed=2)
+    resumed = GPT(small_config()).to(device)
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2, **options)
+    load_checkpoint(resumed, path, optimizer=resumed_optimizer)
+    placed = {k: (v.device, v.dtype) for s in resumed_optimizer.state.values() for k, v in s.items()}
+    _adamw_steps(resumed, resumed_optimizer, 2, seed=2)
+    equal = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    return equal, placed, {k: (v.device, v.dtype) for s in by_torch.state.values() for k, v in s.items()}

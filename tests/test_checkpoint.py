@@ -1,5 +1,6 @@
 """Checkpoints: any TP degree in, any out, byte-identical round trips, 1/TP reads, clear failures."""
 
+import errno
 import filecmp
 import json
 import os
@@ -18,7 +19,7 @@ from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_check
 from dtensor_gpt import layout
 from dtensor_gpt.checkpoint import CheckpointError
 from dtensor_gpt.reshard import main as reshard
-from helpers import exit_status, fake_process_group, small_config
+from helpers import exit_status, fake_process_group, resumed_adamw, small_config
 
 TOL = 1e-5
 
@@ -295,6 +296,31 @@ def test_save_killed_while_replacing_is_restored(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
 
 
+def test_a_failed_replacement_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    """The second rename (new into place) fails after the first moved the old one aside: it goes back to `path`."""
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    save_checkpoint(model, str(tmp_path / "ckpt"))
+    renames, rename = [], os.rename
+
+    def second_fails(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_fails)
+    torch.manual_seed(1)
+    with pytest.raises(CheckpointError, match=f"saving {tmp_path / 'ckpt'} failed on rank 0: OSError: .*cross-device"):
+        save_checkpoint(GPT(small_config()), str(tmp_path / "ckpt"), overwrite=True)
+    assert len(renames) == 3 and renames[2] == renames[0][::-1], "the old checkpoint is renamed back"
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no temporary directory, nothing moved aside"
+    restored = GPT(small_config())
+    load_checkpoint(restored, str(tmp_path / "ckpt"), verify=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+
+
 def _save_over_non_checkpoint(rank, world_size, path):
     torch.manual_seed(0)
     model = parallelize(GPT(small_config()), init_device_mesh("cpu", (world_size,)))
@@ -351,3 +377,116 @@ def test_a_full_disk_on_one_rank_fails_every_rank(tmp_path):
     message = run_distributed(_save_with_a_full_disk_on_rank_1, 2, str(tmp_path / "ckpt"))
     assert message and "the device ran out of space while writing" in message, "rank 0 learns of rank 1's failure"
     assert list(tmp_path.iterdir()) == [], "nothing partial remains"
+
+
+def _save_failing_on_one_rank(rank, world_size, path, messages, step, failing_rank, error):
+    """save_checkpoint with `step` raising `error` on `failing_rank` only; each rank's CheckpointError goes to `messages`."""
+    from dtensor_gpt import checkpoint, safetensors_stream
+
+    def fail(*args, **kwargs):
+        raise error("injected")
+
+    if rank == failing_rank:
+        if step == "clean_stale_temporaries":
+            checkpoint.clean_stale_temporaries = fail
+        elif step == "makedirs":
+            os.makedirs = fail
+        else:
+            safetensors_stream.StreamingWriter.write = fail
+    torch.manual_seed(0)
+    model = parallelize(GPT(small_config()), init_device_mesh("cpu", (world_size,)))
+    try:
+        save_checkpoint(model, path)
+        message = "saved"
+    except CheckpointError as e:
+        message = str(e)
+    with open(os.path.join(messages, f"rank{rank}"), "w") as f:
+        f.write(message)
+
+
+@pytest.mark.parametrize("step, failing_rank, error", [
+    ("clean_stale_temporaries", 0, PermissionError),
+    ("makedirs", 0, PermissionError),
+    ("write", 0, ValueError),
+    ("write", 1, RuntimeError),
+])
+def test_a_failure_on_one_rank_fails_every_rank_alike(tmp_path, step, failing_rank, error):
+    """
+    Every rank raises the failing rank's one line, none left waiting at a collective (a
+    60 s process-group timeout would fail the test), and nothing of the save remains.
+    """
+    (tmp_path / "out").mkdir()
+    (tmp_path / "messages").mkdir()
+    path = str(tmp_path / "out" / "ckpt")
+    run_distributed(_save_failing_on_one_rank, 2, path, str(tmp_path / "messages"), step, failing_rank, error,
+                    timeout=60)
+    messages = [(tmp_path / "messages" / f"rank{r}").read_text() for r in range(2)]
+    assert messages == [f"saving {path} failed on rank {failing_rank}: {error.__name__}: injected"] * 2
+    assert list((tmp_path / "out").iterdir()) == [], "no checkpoint and no temporary directory remain"
+
+
+def _open_files(path):
+    """Descriptors this process holds, and memory maps of files under `path`."""
+    with open("/proc/self/maps") as maps:
+        return len(os.listdir("/proc/self/fd")), sum(str(path) in line for line in maps)
+
+
+def test_loads_leave_no_file_open(tmp_path):
+    """100 loads and reads hold nothing open after them; a closed or refused source holds no map of its files."""
+    from dtensor_gpt.sources import open_source
+
+    model = GPT(small_config())
+    save_checkpoint(model, str(tmp_path / "ckpt"))
+    before = _open_files(tmp_path)
+    for _ in range(100):
+        load_checkpoint(model, str(tmp_path / "ckpt"))
+        with open_source(str(tmp_path / "ckpt")) as source:
+            source.read_full("transformer.wte.weight")
+    assert _open_files(tmp_path) == before == (before[0], 0)
+    index = json.loads((tmp_path / "ckpt" / "index.json").read_text())
+    (tmp_path / "ckpt" / "index.json").write_text(json.dumps(dict(index, id="0" * 32)))
+    with pytest.raises(CheckpointError, match="files from different checkpoints") as refused:
+        load_checkpoint(model, str(tmp_path / "ckpt"))
+    assert refused.value and _open_files(tmp_path) == before, "the error held, its files are closed"
+
+
+def test_a_writer_whose_header_fails_closes_its_file():
+    """A header larger than the write buffer reaches /dev/full at once: the error is raised, the file closed."""
+    from dtensor_gpt.safetensors_stream import StreamingWriter
+
+    before = _open_files("/dev/full")
+    with pytest.raises(OSError, match="No space left on device") as failed:
+        StreamingWriter("/dev/full", [(f"tensor{i}", torch.float32, (1,)) for i in range(1000)])
+    assert failed.value and _open_files("/dev/full") == before, "the error held, its file is closed"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_resumes_exactly_with_its_state_where_torch_puts_it(tmp_path, fused):
+    equal, placed, by_torch = resumed_adamw(str(tmp_path / "ckpt"), fused=fused)
+    assert placed == by_torch and placed["step"] == (torch.device("cpu"), torch.float32)
+    assert equal, "resumed for 2 steps, the weights of 4 uninterrupted steps"
+
+
+def test_an_opened_source_is_validated_once(tmp_path, monkeypatch):
+    """generate.py opens the checkpoint to build the model and loads that same source: one validation, not two."""
+    from dtensor_gpt.format import Checkpoint
+    from helpers import fake_process_group
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from generate import load_model, parse_args
+
+    torch.manual_seed(0)
+    reference = GPT(small_config())
+    save_checkpoint(reference, str(tmp_path / "ckpt"), extra={"chars": [chr(32 + i) for i in range(96)]})
+    opened, validate = [], Checkpoint.__init__
+
+    def counted(self, *args, **kwargs):
+        opened.append(args)
+        validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "__init__", counted)
+    with fake_process_group(1):
+        model, _ = load_model(parse_args(["--checkpoint", str(tmp_path / "ckpt")]), init_device_mesh("cpu", (1,)))
+    assert len(opened) == 1
+    local = [layout.tp_local(t) for t in model.state_dict().values()]  # TP=1: the whole tensors
+    assert all(torch.equal(a, b) for a, b in zip(local, reference.state_dict().values()))

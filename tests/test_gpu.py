@@ -12,7 +12,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from dtensor_gpt import GPT, compile_decoding, parallelize
 from dtensor_gpt.sampling import VocabParallelSampler
 from dtensor_gpt.sharding_rules import check_torch_version
-from helpers import fake_process_group, small_config
+from helpers import fake_process_group, resumed_adamw, small_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -94,3 +94,12 @@ def test_cuda_graph_decoding_gives_the_eager_tokens():
     with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
         for _ in range(2):  # the second generation has a new cache: recorded again, not recompiled
             assert torch.equal(model.generate(prompt, 20, top_k=1), greedy)
+
+
+@pytest.mark.parametrize("options", [dict(fused=True), dict(capturable=True)])
+def test_fused_and_capturable_adamw_resume_with_their_step_on_the_gpu(tmp_path, options):
+    """Their kernels read `step` on the parameters' device: loaded there, as Optimizer.load_state_dict puts it."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    equal, placed, by_torch = resumed_adamw(str(tmp_path / "ckpt"), "cuda", **options)
+    assert placed == by_torch and placed["step"] == (torch.device("cuda", 0), torch.float32)
+    assert equal, "resumed for 2 steps, the weights of 4 uninterrupted steps"
