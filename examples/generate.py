@@ -10,6 +10,7 @@ GPT-2 BPE through tiktoken (--tokenizer PATH: a .tiktoken ranks file, for offlin
 nanoGPT character checkpoint's meta.pkl).
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -86,13 +87,8 @@ def load_model(args, mesh):
     config = {f: source.config[f] for f in GPTConfig.__dataclass_fields__ if f in source.config}
     config["dropout"] = 0.0
     tokenizer = tokenizer_for(args, source, config["vocab_size"])
-    torch.manual_seed(0)
-    with open(os.devnull, "w") as quiet:
-        stdout, sys.stdout = sys.stdout, quiet
-        try:
-            model = GPT(GPTConfig(**config))
-        finally:
-            sys.stdout = stdout
+    with torch.device("meta"), contextlib.redirect_stdout(None):  # no memory until each rank reads its shards
+        model = GPT(GPTConfig(**config))
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **options)
     with source:

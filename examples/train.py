@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize, save_checkpoint
+from dtensor_gpt import GPT, GPTConfig, init_weights, load_checkpoint, parallelize, save_checkpoint
 from dtensor_gpt.checkpoint import optimizer_groups, params_by_id
 from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
@@ -257,9 +257,12 @@ def tokenizer_for(args, source):
 
 
 def build(args, config, mesh):
-    """The model, tensor-parallel over the mesh's "tp" dimension and, with a "dp" one, FSDP2 over it."""
-    torch.manual_seed(args.seed)
-    with contextlib.redirect_stdout(sys.stdout if dist.get_rank() == 0 else None):  # its size, once per job
+    """
+    The model, tensor-parallel over the mesh's "tp" dimension and, with a "dp" one, FSDP2 over
+    it, built on meta: a rank allocates only its shards, random from --seed here (exactly the
+    single-device model's weights), or when --resume or --init-from loads them.
+    """
+    with torch.device("meta"), contextlib.redirect_stdout(sys.stdout if dist.get_rank() == 0 else None):  # its size, once
         model = GPT(config)
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
     parallelize(model, mesh, args.plan, loss_parallel=True, **options)
@@ -267,6 +270,9 @@ def build(args, config, mesh):
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
+    if not (args.resume or args.init_from):
+        torch.manual_seed(args.seed)
+        init_weights(model)
     embeddings = set() if args.embedding_decay else {model.transformer.wte.weight, model.transformer.wpe.weight}
     decay = [p for p in model.parameters() if p.dim() >= 2 and p not in embeddings]
     no_decay = [p for p in model.parameters() if p.dim() < 2 or p in embeddings]

@@ -3,6 +3,9 @@ A model built on the meta device: every rank allocates only its shards, and gets
 single-device model's weights, from a seed or from a checkpoint.
 """
 
+import threading
+import time
+
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -12,7 +15,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from distributed import run_distributed
 from dtensor_gpt import GPT, GPTConfig, init_weights, load_checkpoint, parallelize, save_checkpoint
 from dtensor_gpt.format import CheckpointError
-from helpers import fake_process_group, full, small_config
+from helpers import fake_process_group, full, local_parameter_bytes, small_config
 from plans import PLANS
 
 SEED = 5
@@ -107,3 +110,64 @@ def test_a_checkpoint_loads_into_shards_allocated_on_load(tmp_path):
     assert tied and (logits - expected).abs().max().item() < 1e-5
     assert max((grads[n] - p.grad).abs().max().item() for n, p in reference.named_parameters()) < 1e-5
     assert counts == expected_counts and counts[0] == counts[1], (counts, expected_counts)
+
+
+MEMORY_CONFIG = dict(n_layer=4, n_head=8, n_embd=768, block_size=64, vocab_size=8192, bias=True, dropout=0.0)  # 34.7M
+
+
+def _anonymous_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+class PeakAnonymousMemory:
+    """
+    The most anonymous memory (RssAnon: tensors, not the checkpoint's page cache, which every
+    rank shares) above the start, sampled every half millisecond by a thread. Sampling can miss
+    a peak shorter than that, never invent one: a bound it breaks was broken.
+    """
+
+    def __enter__(self):
+        self.start = self.peak = _anonymous_bytes()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, _anonymous_bytes())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, _anonymous_bytes()) - self.start
+
+
+def _peak_of_build_and_load(rank, world_size, path):
+    mesh = init_device_mesh("cpu", (world_size,))
+    _meta_model(mesh, "megatron", GPTConfig(**MEMORY_CONFIG))  # imports and registrations happen once, here
+    with PeakAnonymousMemory() as memory:
+        model = _meta_model(mesh, "megatron", GPTConfig(**MEMORY_CONFIG))
+        load_checkpoint(model, path)
+    idx = torch.arange(24).reshape(2, 12) % MEMORY_CONFIG["vocab_size"]
+    with torch.no_grad(), loss_parallel():
+        logits = full(model(idx, idx)[0])
+    return memory.peak, local_parameter_bytes(model), logits
+
+
+def test_a_rank_holds_its_shards_and_one_whole_tensor_at_most(tmp_path):
+    """At TP=4 each rank's peak while building and loading a 35M-parameter model stays below its shards plus the largest tensor."""
+    torch.manual_seed(SEED)
+    reference = GPT(GPTConfig(**MEMORY_CONFIG))
+    save_checkpoint(reference, str(tmp_path / "ckpt"))
+    model_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    largest = max(p.numel() * p.element_size() for p in reference.parameters())
+    peak, shards, logits = run_distributed(_peak_of_build_and_load, 4, str(tmp_path / "ckpt"))
+    idx = torch.arange(24).reshape(2, 12) % MEMORY_CONFIG["vocab_size"]
+    with torch.no_grad():
+        expected = reference(idx, idx)[0]
+    assert (logits - expected).abs().max().item() < 1e-5
+    assert shards < model_bytes / 3, "a quarter of the sharded tensors, the replicated ones whole"
+    assert peak <= shards + largest < model_bytes, (peak, shards, largest, model_bytes)
