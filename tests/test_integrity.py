@@ -397,7 +397,9 @@ def test_train_resume_refuses_non_finite_weights(tmp_path):
     config = small_config(n_head=4, n_embd=32, vocab_size=len(chars))
     torch.manual_seed(0)
     model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer = torch.optim.AdamW([  # grouped as examples/train.py groups them, with its defaults
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()
     with torch.no_grad():
