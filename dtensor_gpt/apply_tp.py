@@ -18,6 +18,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from dtensor_gpt import sharding_rules
+from dtensor_gpt.materialize import on_meta
 from dtensor_gpt.partial_grads import reduce_partial_grads_after_backward
 from dtensor_gpt.styles import PackedColwiseParallel
 
@@ -121,6 +122,6 @@ def apply_tp(model, tp_mesh, styles):
     sharding_rules.register()
     parallelize_module(model, tp_mesh, styles)
     retie(model, tied)
-    if any(p.is_meta for p in model.parameters()):
+    if on_meta(model):
         return model  # the hooks go on the allocated parameters (`materialize.allocate`)
     return reduce_partial_grads_after_backward(model)

@@ -313,7 +313,7 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     if fresh:
         if dtype is not None:
             model.to(DTYPE_NAMES[dtype])
-        params, tied = unique_parameters(allocate(model))
+        allocate(model)  # the same parameter objects, now holding memory
     try:
         return _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh)
     except CheckpointError:

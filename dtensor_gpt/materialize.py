@@ -163,8 +163,9 @@ def _record(build):
 
 def _writes(events, names):
     """
-    For each event: (the parameter storage it writes or creates, or None; whether it sets every
-    value regardless of the old ones). Creating a storage counts as such a write.
+    For each event: (the tensor it writes in place, or None; the parameter storage it writes or
+    creates, or None; whether it sets every value regardless of the old ones). Creating a
+    storage counts as such a write.
     """
     seen, out = set(), []
     for func, args, kwargs, result in events:
@@ -176,7 +177,7 @@ def _writes(events, names):
         else:
             target, overwrites = None, False
         seen.update(_key(t) for t in (*args, *kwargs.values(), result) if isinstance(t, torch.Tensor))
-        out.append((target if target in names else None, overwrites))
+        out.append((written, target if target in names else None, overwrites))
     return out
 
 
@@ -190,12 +191,13 @@ def init_weights(model, build=None):
     The peak is this rank's shards plus one whole parameter.
     """
     built, events, names = _record(build or (lambda: type(model)(model.config)))
-    if set(names.values()) != {name for name, _ in model.named_parameters()}:
-        raise ValueError(f"build() makes parameters {sorted(set(names.values()) ^ {n for n, _ in model.named_parameters()})} that the model does "
-                         f"not have, or lacks ones it has; pass the build that made this model")
+    ours = {name for name, _ in model.named_parameters()}
+    if set(names.values()) != ours:
+        raise ValueError(f"build() makes parameters {sorted(set(names.values()) ^ ours)} that the model does not have, "
+                         f"or lacks ones it has; pass the build that made this model")
     writes = _writes(events, names)
     final_from, last = {}, {}  # per parameter: the write from which its values are final, and its last write
-    for i, (target, overwrites) in enumerate(writes):
+    for i, (_, target, overwrites) in enumerate(writes):
         if target is not None:
             last[target] = i
             if overwrites:
@@ -207,13 +209,12 @@ def init_weights(model, build=None):
     params = dict(allocate(model).named_parameters())
     whole = {}
     with torch.no_grad():
-        for i, ((func, args, kwargs, result), (target, _)) in enumerate(zip(events, writes)):
-            written = _written(func, args, kwargs)
+        for i, ((func, args, kwargs, result), (written, target, _)) in enumerate(zip(events, writes)):
             if target is not None and i >= final_from[target]:
                 if written is None:
                     whole[target] = _replay(func, args, kwargs)
                 else:
-                    whole[target] = _replay(func, args, kwargs, whole.get(target, _scratch(written)))
+                    whole[target] = _replay(func, args, kwargs, whole[target] if target in whole else _scratch(written))
                 if i == last[target]:
                     meta, name = shapes[target], names[target]
                     values = whole.pop(target).as_strided(meta.shape, meta.stride(), meta.storage_offset())

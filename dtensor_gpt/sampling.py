@@ -93,9 +93,7 @@ class VocabParallelSampler:
             values = torch.nn.functional.pad(values, (0, pad), value=-math.inf)
             local_ids = torch.nn.functional.pad(local_ids, (0, pad), value=0)
             if candidates_per_rank(vocab, tp, top_k) > best:  # a slice longer than k: its ties with its k-th
-                ids = start + torch.arange(local.shape[-1], device=local.device).expand_as(local)
-                noisy = torch.where(local >= values[:, -1:], local.double() + gumbel_noise(self.seed, self.step, ids),
-                                    -math.inf)
+                noisy = torch.where(local >= values[:, -1:], self._noisy(local, start), -math.inf)
                 winner = noisy.argmax(dim=-1, keepdim=True)
                 values = torch.cat([values, local.float().gather(-1, winner)], dim=-1)
                 local_ids = torch.cat([local_ids, winner], dim=-1)
@@ -105,12 +103,16 @@ class VocabParallelSampler:
             score = torch.where(values >= threshold, values.double() + gumbel_noise(self.seed, self.step, ids), -math.inf)
         else:
             # compared in float32 at every degree, so TP=1 and TP=4 order candidates alike
-            ids = start + torch.arange(local.shape[-1], device=local.device).expand_as(local)
-            noisy = (local.double() + gumbel_noise(self.seed, self.step, ids)).float()
+            noisy = self._noisy(local, start).float()
             best, local_ids = noisy.max(dim=-1, keepdim=True)
             score, ids = _exchange(best, local_ids, start, vocab, mesh)
         self.step += 1
         return ids.gather(-1, score.argmax(dim=-1, keepdim=True))
+
+    def _noisy(self, local, start):
+        """This rank's logits (its slice of the vocabulary from global id `start`) plus their Gumbel noise, in float64."""
+        ids = start + torch.arange(local.shape[-1], device=local.device).expand_as(local)
+        return local.double() + gumbel_noise(self.seed, self.step, ids)
 
 
 def candidates_per_rank(vocab, tp, top_k):
