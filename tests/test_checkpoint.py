@@ -379,50 +379,57 @@ def test_a_full_disk_on_one_rank_fails_every_rank(tmp_path):
     assert list(tmp_path.iterdir()) == [], "nothing partial remains"
 
 
-def _save_failing_on_one_rank(rank, world_size, path, messages, step, failing_rank, error):
-    """save_checkpoint with `step` raising `error` on `failing_rank` only; each rank's CheckpointError goes to `messages`."""
+FAILURES = [("clean_stale_temporaries", 0, PermissionError), ("makedirs", 0, PermissionError),
+            ("write", 0, ValueError), ("write", 1, RuntimeError)]
+
+
+def _save_failing_on_one_rank(rank, world_size, root):
+    """
+    save_checkpoint under each of FAILURES: its step raising its error on its rank only. Each
+    rank's CheckpointError, per case, is written to root/messages.
+    """
     from dtensor_gpt import checkpoint, safetensors_stream
 
-    def fail(*args, **kwargs):
-        raise error("injected")
+    def fail(error):
+        def raising(*args, **kwargs):
+            raise error("injected")
+        return raising
 
-    if rank == failing_rank:
-        if step == "clean_stale_temporaries":
-            checkpoint.clean_stale_temporaries = fail
-        elif step == "makedirs":
-            os.makedirs = fail
-        else:
-            safetensors_stream.StreamingWriter.write = fail
     torch.manual_seed(0)
     model = parallelize(GPT(small_config()), init_device_mesh("cpu", (world_size,)))
-    try:
-        save_checkpoint(model, path)
-        message = "saved"
-    except CheckpointError as e:
-        message = str(e)
-    with open(os.path.join(messages, f"rank{rank}"), "w") as f:
-        f.write(message)
+    places = {"clean_stale_temporaries": (checkpoint, "clean_stale_temporaries"), "makedirs": (os, "makedirs"),
+              "write": (safetensors_stream.StreamingWriter, "write")}
+    for case, (step, failing_rank, error) in enumerate(FAILURES):
+        owner, attribute = places[step]
+        original = getattr(owner, attribute)
+        if rank == failing_rank:
+            setattr(owner, attribute, fail(error))
+        try:
+            save_checkpoint(model, os.path.join(root, f"out{case}", "ckpt"))
+            message = "saved"
+        except CheckpointError as e:
+            message = str(e)
+        finally:
+            setattr(owner, attribute, original)
+        with open(os.path.join(root, "messages", f"case{case}-rank{rank}"), "w") as f:
+            f.write(message)
 
 
-@pytest.mark.parametrize("step, failing_rank, error", [
-    ("clean_stale_temporaries", 0, PermissionError),
-    ("makedirs", 0, PermissionError),
-    ("write", 0, ValueError),
-    ("write", 1, RuntimeError),
-])
-def test_a_failure_on_one_rank_fails_every_rank_alike(tmp_path, step, failing_rank, error):
+def test_a_failure_on_one_rank_fails_every_rank_alike(tmp_path):
     """
     Every rank raises the failing rank's one line, none left waiting at a collective (a
-    60 s process-group timeout would fail the test), and nothing of the save remains.
+    60 s process-group timeout would fail the test), and nothing of the save remains: for a
+    failure in rank 0's clean-up, in its making of the directory, and in either rank's writing.
     """
-    (tmp_path / "out").mkdir()
     (tmp_path / "messages").mkdir()
-    path = str(tmp_path / "out" / "ckpt")
-    run_distributed(_save_failing_on_one_rank, 2, path, str(tmp_path / "messages"), step, failing_rank, error,
-                    timeout=60)
-    messages = [(tmp_path / "messages" / f"rank{r}").read_text() for r in range(2)]
-    assert messages == [f"saving {path} failed on rank {failing_rank}: {error.__name__}: injected"] * 2
-    assert list((tmp_path / "out").iterdir()) == [], "no checkpoint and no temporary directory remain"
+    for case in range(len(FAILURES)):
+        (tmp_path / f"out{case}").mkdir()
+    run_distributed(_save_failing_on_one_rank, 2, str(tmp_path), timeout=60)
+    for case, (step, failing_rank, error) in enumerate(FAILURES):
+        path = str(tmp_path / f"out{case}" / "ckpt")
+        messages = [(tmp_path / "messages" / f"case{case}-rank{r}").read_text() for r in range(2)]
+        assert messages == [f"saving {path} failed on rank {failing_rank}: {error.__name__}: injected"] * 2, step
+        assert list((tmp_path / f"out{case}").iterdir()) == [], f"{step}: no checkpoint and no temporary directory remain"
 
 
 def _open_files(path):

@@ -46,45 +46,55 @@ TIED = torch.zeros(400, 16)
 TIED[:, [0, 1, 2, 3, 5, 13]], TIED[:, 10] = 1.0, 2.0
 
 
-def _tied_draws(rank, world_size):
-    logits = distribute_tensor(TIED, init_device_mesh("cpu", (world_size,)), [Shard(1)])
+def _tied_draws(mesh):
+    logits = TIED if mesh is None else distribute_tensor(TIED, mesh, [Shard(1)])
     return VocabParallelSampler(seed=5)(logits, top_k=3).flatten().tolist()
 
 
-def test_top_k_keeps_every_tie_as_nanogpt_at_tp_1_2_4():
-    """
-    nanoGPT's rule keeps every logit >= the k-th largest: here 7 ids, though k is 3. At TP=2 the
-    first rank holds 5 of the ties, at TP=4 the first 4 (its best 3 show 3 of them) and the others
-    one each. Every degree draws what the Gumbel-max draw over nanoGPT's kept logits draws, for
-    each of 400 rows; all 7 are drawn, and the candidates sent are each rank's 3 best and 1 more.
-    """
+def _tied_reference():
+    """nanoGPT's rule (every logit >= the k-th kept), then the Gumbel-max draw over the kept logits."""
     kept = TIED.clone()
     kept[kept < TIED.topk(3).values[:, [-1]]] = -float("inf")
-    reference = (kept.double() + gumbel_noise(5, 0, torch.arange(16).expand(400, 16))).argmax(-1).tolist()
+    return (kept.double() + gumbel_noise(5, 0, torch.arange(16).expand(400, 16))).argmax(-1).tolist()
+
+
+def test_top_k_keeps_every_tie_as_nanogpt():
+    """
+    nanoGPT's rule keeps every logit >= the k-th largest: here 7 ids, though k is 3. One process
+    draws what the Gumbel-max draw over nanoGPT's kept logits draws, for each of 400 rows, and
+    all 7 are drawn (TP 2 and 4, where the ties straddle the ranks: test_seeded_text_...); the
+    candidates sent are each rank's 3 best and 1 more.
+    """
+    reference = _tied_reference()
     assert set(reference) == {0, 1, 2, 3, 5, 10, 13}
-    assert VocabParallelSampler(seed=5)(TIED, top_k=3).flatten().tolist() == reference
-    assert run_distributed(_tied_draws, 2) == reference
-    assert run_distributed(_tied_draws, 4) == reference
+    assert _tied_draws(None) == reference
     assert [exchanged_bytes(16, tp, 400, 3) for tp in (1, 2, 4)] == [tp * 400 * 4 * 6 for tp in (1, 2, 4)]
 
 
 def _texts(rank, world_size):
-    """Top-k 200 and full-softmax samples of two prompts (a batch), one seed."""
+    """Top-k 200 and full-softmax samples of two prompts (a batch), one seed; and the tied logits' draws."""
+    mesh = init_device_mesh("cpu", (world_size,))
     with open(SHIPPED / "index.json") as f:
         config = GPTConfig(**json.load(f)["config"])
-    model = parallelize(GPT(config), init_device_mesh("cpu", (world_size,)), "megatron", loss_parallel=True)
+    model = parallelize(GPT(config), mesh, "megatron", loss_parallel=True)
     load_checkpoint(model, str(SHIPPED))
     prompt = torch.tensor([[20, 26, 27], [30, 1, 2]])
-    return [model.eval().generate(prompt, 40, temperature=0.8, top_k=top_k, sample=VocabParallelSampler(seed=1337)).tolist()
-            for top_k in (200, None)]
+    texts = [model.eval().generate(prompt, 40, temperature=0.8, top_k=top_k, sample=VocabParallelSampler(seed=1337)).tolist()
+             for top_k in (200, None)]
+    return texts, _tied_draws(mesh)
 
 
 def test_seeded_text_is_the_same_at_tp_1_2_4():
-    """The shipped model's 65 characters: 33/32 ids at TP=2, 17/17/17/14 at TP=4."""
-    reference = run_distributed(_texts, 1)
+    """
+    The shipped model's 65 characters: 33/32 ids at TP=2, 17/17/17/14 at TP=4. In the same jobs,
+    top-k with ties straddling the ranks (TIED: at TP=2 the first rank holds 5 of the ties, at TP=4
+    the first holds 4, which its best 3 show only 3 of, and others one each) draws nanoGPT's rule's tokens.
+    """
+    reference, tied = run_distributed(_texts, 1)
     assert all(len(rows[0]) == 43 and rows[0] != rows[1] for rows in reference)
-    assert run_distributed(_texts, 2) == reference
-    assert run_distributed(_texts, 4) == reference
+    assert tied == _tied_reference()
+    assert run_distributed(_texts, 2) == (reference, tied)
+    assert run_distributed(_texts, 4) == (reference, tied)
 
 
 def test_a_decode_step_exchanges_only_candidates():
