@@ -140,6 +140,9 @@ def test_a_one_row_product_in_bf16_rounds_once_as_addmm():
     to bf16 first and then its sum with the bias differed in 64 of these 256 outputs. Inductor
     rounds where the graph says only with `emulate_precision_casts` (otherwise a fused kernel may
     keep float32 between the two, which hid the second rounding here, but not in every fusion).
+    Rounded once, they equal F.linear's here; another CPU's matrix kernel sums in another order,
+    which moves a float32 sum of 64 exact products by a few of its ulps and so may flip a bf16
+    rounding about once in 10^4 outputs: at most 2 of 256 may differ, against 64 rounded twice.
     """
     from dtensor_gpt.one_row_products import OneRowProductsAsReductions
 
@@ -152,7 +155,7 @@ def test_a_one_row_product_in_bf16_rounds_once_as_addmm():
             torch._inductor.config.patch(emulate_precision_casts=True):
         out = compiled(x, weight, bias)
     torch._dynamo.reset()
-    assert torch.equal(out, torch.nn.functional.linear(x, weight, bias))
+    assert (out != torch.nn.functional.linear(x, weight, bias)).sum().item() <= 2
 
 
 @pytest.mark.parametrize("queries, fused_kernel", [(1, False), (2, True)])
