@@ -1,7 +1,7 @@
 """
 Activation bytes each rank saves for backward, megatron against megatron-sp.
 
-    python benchmarks/activation_memory.py [--config gpt2] [--seq 1024] [--tp 2 4]
+    python benchmarks/activation_memory.py [--config gpt2] [--seq TOKENS] [--tp 2 4]
 
 One process plays every rank over torch's fake process group: saved tensors have the
 shapes of a real job (their values are not computed), so the bytes are exact.
@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from dtensor_gpt import GPT, parallelize
+from dtensor_gpt import GPT, init_weights, parallelize
 from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.memory import saved_activation_bytes
 from machine import machine_line
@@ -35,9 +35,10 @@ def part(module):
 def measure(config, plan, tp, seq):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
     try:
-        with contextlib.redirect_stdout(None):
+        with contextlib.redirect_stdout(None), torch.device("meta"):
             model = GPT(config)
         parallelize(model, init_device_mesh("cpu", (tp,)), plan, loss_parallel=True)
+        init_weights(model)
         idx = torch.randint(0, config.vocab_size, (1, seq))
         with loss_parallel():
             saved = saved_activation_bytes(model, idx, idx)
@@ -52,12 +53,16 @@ def measure(config, plan, tp, seq):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="gpt2")
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--seq", type=int, help="tokens in the row (default: the config's block_size)")
     parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
     print(machine_line(), flush=True)
     warnings.filterwarnings("ignore")
     config = config_by_name(args.config)
+    if args.seq is None:
+        args.seq = config.block_size
+    if not 1 <= args.seq <= config.block_size:
+        parser.error(f"--seq {args.seq} is outside 1..{config.block_size}, the block_size of config {args.config!r}")
     print(f"| part (MiB per rank, {args.config}, batch 1, seq {args.seq}) | "
           + " | ".join(f"{p} TP={tp}" for tp in args.tp for p in ("megatron", "megatron-sp")) + " |")
     columns = [measure(config, plan, tp, args.seq) for tp in args.tp for plan in ("megatron", "megatron-sp")]

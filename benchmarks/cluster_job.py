@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dtensor_gpt import GPT, parallelize
+from dtensor_gpt import GPT, init_weights, parallelize
 from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.launch import exit_distributed
 from dtensor_gpt.model import KVCache
@@ -220,11 +220,13 @@ def parse_plan(spec):
 
 def build(config, spec, mesh):
     """The model under plan `spec`, its logits kept vocab-sharded: the loss and the sampler work on the shards."""
-    torch.manual_seed(0)
-    with contextlib.redirect_stdout(None):
+    with contextlib.redirect_stdout(None), torch.device("meta"):
         model = GPT(config)
     plan, options = parse_plan(spec)
-    return parallelize(model, mesh, plan, loss_parallel=True, **options)
+    parallelize(model, mesh, plan, loss_parallel=True, **options)
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(None):
+        return init_weights(model)
 
 
 def batch(config, rows, seq, seed=0):

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from distributed import run_distributed  # noqa: E402
-from dtensor_gpt import GPT, compile_decoding, parallelize  # noqa: E402
+from dtensor_gpt import GPT, compile_decoding, init_weights, parallelize  # noqa: E402
 from dtensor_gpt.configs import config_by_name  # noqa: E402
 from dtensor_gpt.model import KVCache  # noqa: E402
 from dtensor_gpt.safetensors_stream import DTYPE_NAMES  # noqa: E402
@@ -58,8 +58,10 @@ def tokens_per_second(model, prompt, new, use_cache):
 def _tp(rank, world_size, context, new, compile, dtype):
     from torch.distributed.device_mesh import init_device_mesh
 
+    with torch.device("meta"):
+        model = parallelize(GPT(config_by_name("gpt2")), init_device_mesh("cpu", (world_size,))).eval()
     torch.manual_seed(0)
-    model = parallelize(GPT(config_by_name("gpt2")), init_device_mesh("cpu", (world_size,))).eval()
+    init_weights(model)
     return measure(model, context, new, compile, dtype)
 
 

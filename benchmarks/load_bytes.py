@@ -36,7 +36,8 @@ def main():
         rows = []
         for tp in args.tp:
             dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
-            model = parallelize(GPT(config), init_device_mesh("cpu", (tp,)))
+            with torch.device("meta"):
+                model = parallelize(GPT(config), init_device_mesh("cpu", (tp,)))
             read = load_checkpoint(model, f"{tmp}/ckpt")["bytes_read"]
             held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
             rows.append((tp, read, held))

@@ -67,7 +67,8 @@ def _plugin_loss(rank, world_size, ckpt, data, loss_parallel):
     from dtensor_gpt.sources import open_source
 
     config = GPTConfig(**{f: open_source(ckpt).config[f] for f in GPTConfig.__dataclass_fields__})
-    model = parallelize(GPT(config), init_device_mesh("cpu", (world_size,)), "megatron", loss_parallel=loss_parallel)
+    with torch.device("meta"):
+        model = parallelize(GPT(config), init_device_mesh("cpu", (world_size,)), "megatron", loss_parallel=loss_parallel)
     load_checkpoint(model, ckpt)
     with sharded_loss() if loss_parallel else contextlib.nullcontext():
         return mean_loss(model.eval(), *TextData(data).windows("val", config.block_size))

@@ -31,6 +31,7 @@ from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.format import index_sha256
 from dtensor_gpt.sources import open_source
 from machine import machine_line
+from proc_memory import resident_kib
 
 TP = {"gpt2": 4, "gpt2-medium": 4, "gpt2-large": 4, "gpt2-xl": 5}
 
@@ -44,13 +45,9 @@ def run_sampled(cmd):
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            anon = max(anon, int(fields.get("RssAnon", "0 kB").split()[0]))
-            file = max(file, int(fields.get("RssFile", "0 kB").split()[0]))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
+        resident = resident_kib(proc.pid)
+        if resident:
+            anon, file = max(anon, resident["RssAnon"]), max(file, resident["RssFile"])
         time.sleep(0.02)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"{cmd} failed with {os.waitstatus_to_exitcode(status)}")

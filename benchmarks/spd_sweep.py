@@ -33,19 +33,18 @@ def _sweep(rank, world_size, path, config, calibration, windows):
     from torch.distributed.device_mesh import init_device_mesh
 
     from dtensor_gpt import load_checkpoint, parallelize
-    from dtensor_gpt.spd import block_sensitivity
-
-    def fresh():
-        model = GPT(config)
-        load_checkpoint(model, path)
-        return model
+    from plans.spd import block_sensitivity
 
     mesh = init_device_mesh("cpu", (world_size,))
-    sensitivity = block_sensitivity(fresh(), mesh, calibration)
+    whole = GPT(config)  # block_sensitivity shards copies of the unparallelized model
+    load_checkpoint(whole, path)
+    sensitivity = block_sensitivity(whole, mesh, calibration)
     order = sorted(range(config.n_layer), key=sensitivity.__getitem__)
     losses = []
     for k in range(config.n_layer + 1):
-        model = parallelize(fresh(), mesh, "spd", spd_blocks=sorted(order[:k]))
+        with torch.device("meta"):
+            model = parallelize(GPT(config), mesh, "spd", spd_blocks=sorted(order[:k]))
+        load_checkpoint(model, path)
         losses.append(mean_loss(model, *windows))
     return dict(sensitivity=sensitivity, order=order, losses=losses)
 

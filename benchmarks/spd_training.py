@@ -31,6 +31,7 @@ RUNS = [("megatron", "megatron", "all"), ("spd-half", "spd", "last:2"), ("spd-al
 def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
     import json
 
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
 
     from dtensor_gpt import GPT, GPTConfig, load_checkpoint, parallelize
@@ -38,7 +39,8 @@ def _evaluate(rank, world_size, path, plan, spd_blocks, data_path):
 
     with open(os.path.join(path, "index.json")) as f:
         config = GPTConfig(**json.load(f)["config"])
-    model = GPT(config)
+    with torch.device("meta"):
+        model = GPT(config)
     options = dict(spd_blocks=spd_blocks) if plan == "spd" else {}
     parallelize(model, init_device_mesh("cpu", (world_size,)), plan, **options)
     load_checkpoint(model, path)

@@ -3,15 +3,15 @@ Parallelize the unchanged GPT and check it against the single-device model.
 
     torchrun --standalone --nproc-per-node 2 examples/demo.py [--config tiny|gpt2] [--plan megatron]
 
-Every rank builds the same single-device reference from one seed; rank 0 prints the largest
-differences of logits, loss and gradients, the collectives of one forward and the bytes of
+Every rank builds the same single-device reference from one seed, and the parallel model on
+the meta device, holding only its shards initialised from the same seed (init_weights); rank 0
+prints the largest differences of logits, loss and gradients, the collectives of one forward and the bytes of
 parameters each rank holds. megatron and megatron-sp compute the single-device model exactly
 (differences are float rounding, about 1e-7); spd drops sync points by design, so its
 differences are Sync-Point Drop's approximation, not an error.
 """
 
 import contextlib
-import copy
 import sys
 import warnings
 from collections import Counter
@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
-from dtensor_gpt import GPT, parallelize
+from dtensor_gpt import GPT, init_weights, parallelize
 from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.launch import exit_distributed, init_distributed
@@ -76,15 +76,22 @@ def compare(args, mesh, device):
     config = config_by_name(args.config)
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
 
-    torch.manual_seed(0)
-    with torch.device(device), contextlib.redirect_stdout(sys.stdout if rank == 0 else None):  # its size, once
-        reference = GPT(config)
+    def sharded(**plan_options):
+        """The model under the plan, built on meta: this rank allocates its shards only, from seed 0."""
+        with torch.device("meta"), contextlib.redirect_stdout(None):
+            model = parallelize(GPT(config), mesh, args.plan, **options, **plan_options)
+        torch.manual_seed(0)
+        return init_weights(model)
+
+    torch.manual_seed(0)  # the CPU generator, as init_weights replays it, then moved to the device
+    with contextlib.redirect_stdout(sys.stdout if rank == 0 else None):  # its size, once
+        reference = GPT(config).to(device)
     idx = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     targets = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     ref_logits, ref_loss = reference(idx, targets)
     ref_loss.backward()
 
-    model = parallelize(copy.deepcopy(reference), mesh, args.plan, loss_parallel=True, **options)
+    model = sharded(loss_parallel=True)
     with CommDebugMode() as comm, loss_parallel():
         logits, loss = model(idx, targets)
         loss.backward()
@@ -93,7 +100,7 @@ def compare(args, mesh, device):
     local_bytes = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
     ref_bytes = sum(p.nbytes for p in reference.parameters())
 
-    generator = parallelize(copy.deepcopy(reference), mesh, args.plan, **options)
+    generator = sharded()
     with torch.no_grad(), CommDebugMode() as forward_comm:
         last, _ = generator(idx)
     last_error = (last - reference(idx)[0]).abs().max().item()

@@ -150,6 +150,7 @@ def main():
 def generate(args, mesh, device):
     """Load, stream the tokens, and print the summary line (rank 0)."""
     rank = dist.get_rank()
+    loading = time.time()
     try:
         model, tokenizer = load_model(args, mesh)
         ids = tokenizer.encode(args.prompt)
@@ -163,6 +164,7 @@ def generate(args, mesh, device):
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         exit_distributed(2)
+    loading = time.time() - loading
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     decode = tokenizer.stream_decoder()
     streaming = rank == 0 and args.num_samples == 1  # several samples are printed whole, one after another
@@ -208,7 +210,7 @@ def generate(args, mesh, device):
                     f"{args.num_samples * (len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s")
         batch = f"{args.num_samples} samples x {args.max_new_tokens}" if args.num_samples > 1 else f"{tokens}"
         weights = "" if args.dtype == "fp32" else f", {args.dtype}"
-        print(f"\n--- {batch} tokens in {seconds:.2f}s: {rate}; tp={mesh.size()}, plan {args.plan}{weights}, "
+        print(f"\n--- {batch} tokens in {seconds:.2f}s: {rate} (checkpoint loaded in {loading:.2f}s); tp={mesh.size()}, plan {args.plan}{weights}, "
               f"{args.sampler} sampling, {mode}; collectives per generated token: {per_token}")
 
 

@@ -108,7 +108,8 @@ def test_generate_py_compiles_in_bf16():
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 12
     assert summary.startswith("12 tokens in ") and "s: compiling the decoding step " in summary
     assert "s (its first step), then " in summary
-    assert "tokens/s; tp=1, plan megatron, bf16, vocab-parallel sampling, KV cache; collectives per generated token: none" \
+    assert "tokens/s (checkpoint loaded in " in summary
+    assert "s); tp=1, plan megatron, bf16, vocab-parallel sampling, KV cache; collectives per generated token: none" \
         in summary
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,13 +73,14 @@ def test_generate_runs_with_no_arguments():
     text, summary = r.stdout.rsplit("\n--- ", 1)
     assert text.startswith("KING HENRY:") and len(text) == len("KING HENRY:") + 80
     # 11 + 80 tokens pass block_size 64: the prompt's forward and 53 cached steps, then whole windows
-    assert ("tokens/s; tp=2, plan megatron, vocab-parallel sampling, KV cache for 54 tokens, then 26 each "
+    assert re.search(r" tokens/s \(checkpoint loaded in \d+\.\d\ds\); tp=2, ", summary)
+    assert ("s); tp=2, plan megatron, vocab-parallel sampling, KV cache for 54 tokens, then 26 each "
             "recomputed the last 64 ") in summary
     # no logits gathered: 2 all-reduces per block, the embedding's, and one all-gather of candidates
     assert summary.endswith("collectives per generated token: 1 all_gather_into_tensor, 9 all_reduce\n")
     alone = run_generate(1, "--max-new-tokens", "80", "--prompt", "KING HENRY:")
     assert alone.stdout.rsplit("\n--- ", 1)[0] == text
-    assert "tokens/s; tp=1, plan megatron, vocab-parallel sampling, KV cache for 54 tokens" in alone.stdout
+    assert "s); tp=1, plan megatron, vocab-parallel sampling, KV cache for 54 tokens" in alone.stdout
     assert alone.stdout.endswith("collectives per generated token: none\n")
 
 
