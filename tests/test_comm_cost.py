@@ -1,17 +1,13 @@
-"""The cost model of benchmarks/comm_cost.py: its fit, its prediction, and its collectives against dtensor_gpt.comm."""
+"""The cost model (dtensor_gpt.cost): its fit, its prediction, and its collectives against dtensor_gpt.comm."""
 
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from comm_cost import fit_link, measure_options, plan_collectives, predict  # noqa: E402
-from dtensor_gpt.comm import comm_report  # noqa: E402
-from helpers import small_config  # noqa: E402
+from dtensor_gpt.comm import comm_report
+from dtensor_gpt.cost import fit_link, measure_options, plan_collectives, predict
+from helpers import small_config
 
 
 @pytest.mark.parametrize("n", [2, 4])
