@@ -44,10 +44,10 @@ from dataclasses import dataclass, replace
 from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.comm import WIRE_FRACTION
 from dtensor_gpt.configs import CONFIGS, config_by_name
-from dtensor_gpt.cost import (COMPRESSIONS, COMPUTE_SOURCE, DECODE_BANDWIDTH_FRACTION, DECODE_CONTEXT, H100_HBM_BYTES, LINKS,
-                              NET_HOP, OVERLAPPING_PLANS, PAPER_BYTES, TRAIN_TOKENS, block_share, comm_seconds, compressed, dropped_blocks,
-                              compute_seconds, fitted_link, measure_options, paper_link, parse_rate, plan_parts, scaled,
-                              step_seconds)
+from dtensor_gpt.cost import (COMPRESSIONS, COMPUTE_SOURCE, DECODE_BANDWIDTH_FRACTION, DECODE_CONTEXT, H100_HBM_BYTES,
+                              LINKS, NET_HOP, OVERLAPPING_PLANS, PAPER_BYTES, TRAIN_TOKENS, block_share, comm_seconds,
+                              compressed, compute_seconds, dropped_blocks, fitted_link, measure_options, paper_link,
+                              parse_rate, plan_parts, scaled, step_seconds)
 from dtensor_gpt.parallelize import check_divisible
 from plans import PLANS
 
@@ -110,10 +110,13 @@ def candidates(config, calibrated=()):
 
 def _fits(option, n_layer):
     """Whether a model of n_layer blocks can take the option (a calibration's spd:last:3 needs 3 blocks)."""
+    if option.plan != "spd":
+        return True
     try:
-        return option.plan != "spd" or dropped_blocks(option.blocks, n_layer) >= 0
+        dropped_blocks(option.blocks, n_layer)
     except ValueError:
         return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the setting
@@ -125,8 +128,8 @@ class Setting:
     link: dict  # {kind: (alpha, beta)}
     link_text: str
     message_scale: float  # bytes per element of a message over 4 (fp32)
-    memory_bandwidth: float  # bytes/s a quantisation pass reaches
-    compute: float  # seconds of a step's computation per rank, on paper
+    memory_bandwidth: float  # bytes/s a quantisation pass reaches (an H100's, on paper)
+    compute: float  # seconds of a step's computation on one device, on paper
     compute_text: str
     measured: dict  # option label -> (measured unlimited-link seconds, unlimited link): computation from a measurement
 
@@ -295,11 +298,15 @@ def advise(config="gpt2", tp=2, link="nvlink4", workload="train", *, seq=None, c
     for label in calibration:
         parse_option(label)
     where, tokens = setting(link, config, model, tp, workload, seq)
-    options = candidates(model, calibration)
-    rows, use = rank(options, lambda o: collectives(o, tp, model, workload, tokens), where, tp, model, calibration,
-                     max_loss_increase)
+    counted, left_out = {}, {}
+    for option in candidates(model, calibration):
+        try:
+            counted[option] = collectives(option, tp, model, workload, tokens)
+        except ValueError as e:  # a plan that refuses this workload (its message says why)
+            left_out[option.label] = str(e)
+    rows, use = rank(list(counted), counted.get, where, tp, model, calibration, max_loss_increase)
     return dict(config=config, tp=tp, workload=workload, tokens=tokens, link=where.link_text, compute=where.compute_text,
-                calibration=notes, max_loss_increase=max_loss_increase, rows=rows, use=use)
+                calibration=notes, max_loss_increase=max_loss_increase, rows=rows, use=use, left_out=left_out)
 
 
 # ------------------------------------------------------------------------------- printing
@@ -326,7 +333,7 @@ def collectives_text(counts, tp):
 
 def format_advice(advice):
     what = {"train": f"a training step of {advice['tokens']} tokens", "prefill": f"a prefill of {advice['tokens']} tokens",
-            "decode": f"a decoded token after {advice['tokens']}"}[advice["workload"]]
+            "decode": f"a decoded token after {advice['tokens']} tokens"}[advice["workload"]]
     lines = [f"{advice['config']} at TP={advice['tp']}, {what}",
              f"link: {advice['link']}", f"compute: {advice['compute']}"]
     if advice["calibration"]:
@@ -337,6 +344,7 @@ def format_advice(advice):
                      else f"approximate, loss {r['loss_increase']:+.4f}")
         lines.append(f"{i:>4}  {r['option']:24} {fmt_seconds(r['seconds']):>10} {fmt_seconds(r['compute']):>10} "
                      f"{fmt_seconds(r['communication']):>10}  {exactness:28} {collectives_text(r['collectives'], advice['tp'])}")
+    lines += [f"left out: {label}: {why}" for label, why in advice["left_out"].items()]
     budget = advice["max_loss_increase"]
     reason = ("the fastest exact option" if budget is None else
               f"the fastest option whose loss increase is at most {budget:g}")
@@ -398,8 +406,9 @@ def main(argv=None):
                         help=f"{', '.join(LINKS)}, a rate such as 25gbit, or FILE[:RATE] measured by benchmarks/comm_cost.py")
     parser.add_argument("--workload", default="train", choices=WORKLOADS,
                         help="a training step, a prefill, or one decoded token after a context")
-    parser.add_argument("--seq", type=integer(1), help="tokens of a training step or prefill, a decoded token's context "
-                                                       "(default: the measurement's with FILE; else 1024 to train, 512 otherwise)")
+    parser.add_argument("--seq", type=integer(1),
+                        help="tokens of a training step or prefill, a decoded token's context "
+                             "(default: the measurement's with FILE; else 1024 to train, 512 otherwise)")
     parser.add_argument("--calibration", help="a calibration file: JSON {\"loss_increase\": {option: increase}} "
                                               "(default: none; approximate options are not calibrated)")
     parser.add_argument("--max-loss-increase", type=number(at_least=0),

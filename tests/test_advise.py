@@ -1,4 +1,4 @@
-"""The plan adviser (dtensor_gpt.advise): its output, its ranking against hand sums, its refusals, its replay of the measured cells."""
+"""The plan adviser (dtensor_gpt.advise): its output, its ranking against hand sums, its refusals, the measured cells replayed."""
 
 import inspect
 import json
@@ -153,3 +153,15 @@ def test_the_measured_cells_pick_the_fastest_plan():
     assert v["exact"][0] >= 0.9 * 24 and v["budget"][0] >= 0.9 * 72
     strict = validate(own_compute=False)
     assert strict["exact"][0] >= 0.9 * 24 and strict["budget"][0] >= 0.9 * 72
+
+
+def test_a_plan_refusing_the_workload_is_left_out_with_its_reason(monkeypatch):
+    def overlap(model, mesh, *, chunks=2, loss_parallel=False):
+        raise ValueError(f"cannot split this step into {chunks} chunks")
+
+    monkeypatch.setitem(advise.PLANS, "megatron-overlap", overlap)
+    advice = advise.advise("tiny", 2, "nvlink4", "prefill", seq=16)  # the CLI test's counts, if this process made them
+    assert advice["left_out"] == {"megatron-overlap:2": "cannot split this step into 2 chunks",
+                                  "megatron-overlap:4": "cannot split this step into 4 chunks"}
+    assert [r["option"] for r in advice["rows"]][-1] == "megatron-sp" and advice["use"] == "megatron"
+    assert "left out: megatron-overlap:4: cannot split this step into 4 chunks" in advise.format_advice(advice)
