@@ -298,6 +298,9 @@ def advise(config="gpt2", tp=2, link="nvlink4", workload="train", *, seq=None, c
     for label in calibration:
         parse_option(label)
     where, tokens = setting(link, config, model, tp, workload, seq)
+    most = model.block_size - (workload == "decode")  # a decoded token needs a position after its context
+    if not 1 <= tokens <= most:
+        raise ValueError(f"seq={tokens} does not fit {config}'s block_size {model.block_size}: a {workload} takes 1 to {most}")
     counted, left_out = {}, {}
     for option in candidates(model, calibration):
         try:
@@ -414,7 +417,7 @@ def main(argv=None):
     parser.add_argument("--max-loss-increase", type=number(at_least=0),
                         help="use the fastest option whose calibrated loss increase is at most this (default: exact only)")
     parser.add_argument("--validate", action="store_true",
-                        help=f"instead: replay the emulated cells in {RESULTS} and count the picks that were the fastest")
+                        help="instead: replay the emulated cells in docs/comm_cost/ and count the picks that were the fastest")
     args = parser.parse_args(argv)
     quiet_dtensor_notes()
     if args.validate:

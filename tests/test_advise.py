@@ -127,6 +127,7 @@ def test_cli_ranks_every_option_with_its_collectives(capsys):
     (["--link", "docs/comm_cost/tp2.json"], "--link docs/comm_cost/tp2.json measured the rates unlimited, 1gbit, 300mbit, "
                                             "100mbit; name one as docs/comm_cost/tp2.json:RATE"),
     (["--link", "docs/comm_cost/tp2.json:10mbit"], "has no rate '10mbit'"),
+    (["--config", "tiny", "--workload", "decode", "--seq", "64"], "seq=64 does not fit tiny's block_size 64: a decode takes 1 to 63"),
 ])
 def test_bad_arguments_are_one_sentence(argv, sentence, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
