@@ -283,7 +283,10 @@ def advise(config="gpt2", tp=2, link="nvlink4", workload="train", *, seq=None, c
     """
     Every option ranked for `workload` of `config` (a name) at degree `tp` on `link`
     (see the module's docstring); `calibration` a file's path or {option: loss increase}.
-    Returns {setting, rows (fastest first), use}. ValueError, in one sentence, for a bad argument.
+    Returns {config, tp, workload, tokens, link, compute, calibration (the file's notes),
+    max_loss_increase, rows (fastest first: option, seconds, compute, communication, exact,
+    loss_increase, collectives), use, left_out {option: why}}. ValueError, in one sentence, for
+    a bad argument.
     """
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; known configs: {', '.join(CONFIGS)}")
