@@ -48,13 +48,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from dtensor_gpt.cost import UNITS, parse_rate
 from dtensor_gpt.publish import process_alive
 from machine import machine_line
 
 PREFIX = "dtgc"
 SUBNET = "10.213.0"
 RDZV_PORT = 29400
-UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
 def missing_requirements():
@@ -67,16 +67,6 @@ def missing_requirements():
     if missing:
         return f"needs iproute2 ({' and '.join(missing)} not found)"
     return None
-
-
-def parse_rate(text):
-    """Bits per second from '100mbit', '2.5gbit', ... (tc's decimal units); None for 'unlimited'."""
-    if text in (None, "unlimited"):
-        return None
-    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)", text.strip().lower())
-    if not found or float(found.group(1)) <= 0:
-        raise ValueError(f"link rate {text!r} is not a rate such as 100mbit, 1gbit or unlimited")
-    return float(found.group(1)) * UNITS[found.group(2)]
 
 
 def rate_label(bits_per_second):

@@ -17,9 +17,10 @@ machine whose load drifts slows every rate alike; each time is stored with the 1
 average it was taken under, and the job with its load over its whole run, in docs/comm_cost/.
 `report` reads those files only.
 
-The cost model. A cell's time at link rate R is its time on the unlimited link (computation,
-and the unlimited link's own communication) plus, for every collective the cell issues
-(kind and message bytes, from dtensor_gpt.comm), its time at R minus its time unlimited:
+The cost model (dtensor_gpt.cost, which the plan adviser dtensor_gpt.advise uses too). A
+cell's time at link rate R is its time on the unlimited link (computation, and the unlimited
+link's own communication) plus, for every collective the cell issues (kind and message bytes,
+from dtensor_gpt.comm), its time at R minus its time unlimited:
 
     t(kind, bytes, R) = alpha[kind, R] + wire(kind, bytes, N) / beta[kind, R]
 
@@ -30,14 +31,11 @@ to the microbenchmark of the same job, on the same links.
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -60,123 +58,6 @@ PLACEMENT = [
     dict(name="gpt2", label="GPT-2 124M", rates=["unlimited", "100mbit"], repeats=2,
          job=["--config", "gpt2", "--train-batch", "1", "--train-seq", "512"]),
 ]
-WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-        "reduce_scatter": lambda n: (n - 1) / n}
-
-
-# ---------------------------------------------------------------------------- the cost model
-
-def fit_link(seconds, n):
-    """
-    {kind: (alpha seconds, beta bytes/s)} from {kind: {message bytes: seconds}} over n ranks:
-    alpha + wire / beta, least squares on the relative error (every size counts alike),
-    alpha >= 0; a kind whose time does not grow with size gets beta = inf.
-    """
-    links = {}
-    for kind, points in seconds.items():
-        w = [float(size) * WIRE[kind](n) for size in points]
-        u = [1.0 / t for t in points.values()]
-        suu = sum(x * x for x in u)
-        swu = sum(a * x * x for a, x in zip(w, u))
-        sww = sum(a * a * x * x for a, x in zip(w, u))
-        su, sw = sum(u), sum(a * x for a, x in zip(w, u))
-        det = suu * sww - swu * swu
-        alpha, gamma = (su * sww - sw * swu) / det, (suu * sw - swu * su) / det
-        if alpha < 0:
-            alpha, gamma = 0.0, sw / sww
-        if gamma <= 0:
-            alpha, gamma = su / suu, 0.0
-        links[kind] = (alpha, math.inf if gamma == 0 else 1.0 / gamma)
-    return links
-
-
-def collective_seconds(kind, message_bytes, n, link):
-    alpha, beta = link[kind]
-    return alpha + message_bytes * WIRE[kind](n) / beta
-
-
-def comm_seconds(counts, n, link):
-    """Seconds of every collective in counts {(kind, message bytes): count} over n ranks on `link`."""
-    return sum(count * collective_seconds(kind, size, n, link) for (kind, size), count in counts.items())
-
-
-def predict(unlimited_seconds, counts, n, link, unlimited_link):
-    """The cell at another link: its unlimited time, less the unlimited link's communication, plus this link's."""
-    return unlimited_seconds - comm_seconds(counts, n, unlimited_link) + comm_seconds(counts, n, link)
-
-
-# ------------------------------------------------------------ collectives, from dtensor_gpt.comm
-
-def _counts(report, *, whole_model=True):
-    """{(kind, message bytes): count}; without `whole_model`, not the backward's closing reduction (see plan_collectives)."""
-    counts = Counter()
-    for c in report["collectives"]:
-        if whole_model or not _closes_backward(c):
-            counts[(c["kind"], c["message_bytes"])] += c["count"]
-    return counts
-
-
-def _closes_backward(c):
-    """The one all-reduce of every LayerNorm's partial gradients after a megatron-sp backward (no module issues it)."""
-    return c["phase"] == "backward" and c["module"] == ""
-
-
-def _times(counts, k):
-    return Counter({key: v * k for key, v in counts.items()})
-
-
-def measure_options(measure, seq, batch=1):
-    """
-    comm_report's arguments for a measure: one prefill, one decoded token (each choosing its
-    token greedily on the vocabulary shards, as the job's generate does), one training step.
-    """
-    return {"prefill": dict(seq=seq, prefill=True, top_k=1), "decode": dict(seq=seq, decode=True, top_k=1),
-            "train": dict(seq=seq, batch=batch, backward=True, optimizer_step=True)}[measure]
-
-
-_reports = {}  # comm_report's counts by arguments, within one run
-
-
-def plan_collectives(spec, tp, config, **options):
-    """
-    Counter {(kind, message bytes): count} of what `spec` ('megatron', 'spd:last:6', ...)
-    issues at degree tp, from dtensor_gpt.comm's reports of the same config with 1 and 2
-    blocks: every block of a plan issues the same collectives, so a model's are those of its
-    embedding and head plus n_layer blocks' (SPD's dropped blocks counted from a 1-block
-    model that drops it). The one collective whose message grows with the blocks, the
-    all-reduce closing a megatron-sp backward (every LayerNorm's gradients in one buffer), is
-    counted apart: its bytes grow by the same amount with each block. Exact (tested), and
-    cheap for GPT-2-XL's 48 blocks.
-    """
-    from dtensor_gpt.comm import comm_report
-    from plans.spd import parse_spd_blocks
-
-    def report(plan, n_layer, **more):
-        """(the counts but the closing reduction, the closing reduction's [(kind, bytes)])"""
-        key = repr((plan, tp, replace(config, n_layer=n_layer), sorted({**options, **more}.items())))
-        if key not in _reports:
-            r = comm_report(plan, tp, replace(config, n_layer=n_layer), **options, **more)
-            _reports[key] = _counts(r, whole_model=False), [(c["kind"], c["message_bytes"]) for c in r["collectives"]
-                                                            if _closes_backward(c)]
-        return _reports[key]
-
-    plan, _, blocks = spec.partition(":")
-    n_layer = config.n_layer
-    dropped = len(parse_spd_blocks(blocks or "all", n_layer)) if plan == "spd" else 0
-    kept_plan = "megatron" if plan == "spd" else plan
-    (one, closing_one), (two, closing_two) = report(kept_plan, 1), report(kept_plan, 2)
-    block = two - one
-    edges = one - block
-    assert edges + block == one and one + block == two, "the blocks do not issue alike"
-    total = edges + _times(block, n_layer - dropped)
-    if dropped:
-        drop_one, _ = report("spd", 1, spd_blocks="all")
-        dropped_block = drop_one - edges
-        assert edges + dropped_block == drop_one
-        total += _times(dropped_block, dropped)
-    for (kind, first), (_, second) in zip(closing_one, closing_two, strict=True):
-        total[(kind, first + (n_layer - 1) * (second - first))] += 1
-    return total
 
 
 # ----------------------------------------------------------------------- the machine's load

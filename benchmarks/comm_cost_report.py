@@ -12,9 +12,12 @@ import math
 import os
 from collections import Counter
 
-from comm_cost import MEASURES, PLACEMENT, PLANS, ROOT, comm_seconds, fit_link, measure_options, plan_collectives, predict
+from comm_cost import MEASURES, PLACEMENT, PLANS, ROOT
 
 from dtensor_gpt.configs import config_by_name
+from dtensor_gpt.cost import (COMPUTE_SOURCE, DECODE_CONTEXT, LINKS, NCCL_BASE_LATENCY, PAPER_BYTES, TRAIN_TOKENS,
+                              comm_seconds, compute_seconds, fitted_link, measure_options, paper_link, parse_rate,
+                              plan_collectives, predict, scaled)
 
 
 def load_results(directory):
@@ -25,12 +28,6 @@ def load_results(directory):
                 r = json.load(f)
             results[r["name"]] = r
     return results
-
-
-def link_fit(result, rate):
-    """The cost model's link at `rate`, fitted to the microbenchmark of the job that measured `result`."""
-    c = result["collectives"]
-    return fit_link({k: {int(s): t for s, t in v.items()} for k, v in c["seconds"][rate].items()}, c["group_size"])
 
 
 def source_fingerprint():
@@ -71,8 +68,6 @@ def fmt_time(seconds):
 
 
 def fmt_rate(label):
-    from cluster import parse_rate
-
     bits = parse_rate(label)
     if bits is None:
         return "unlimited"
@@ -80,8 +75,6 @@ def fmt_rate(label):
 
 
 def fastest_first(rates):
-    from cluster import parse_rate
-
     return sorted(rates, key=lambda r: -math.inf if parse_rate(r) is None else -parse_rate(r))
 
 
@@ -97,9 +90,9 @@ def cells(results, counts):
         r = results.get(f"tp{tp}")
         if r is None:
             continue
-        unlimited_link = link_fit(r, "unlimited")
+        unlimited_link = fitted_link(r, "unlimited")
         for rate in fastest_first(r["rates"]):
-            link = link_fit(r, rate)
+            link = fitted_link(r, rate)
             for row in r["plans"]:
                 for measure in MEASURES:
                     c = counts(row["plan"], tp, r["config"],
@@ -147,7 +140,7 @@ def links_table(results):
         if "collectives" not in r:
             continue
         for rate in fastest_first(r["rates"]):
-            fit = link_fit(r, rate)
+            fit = fitted_link(r, rate)
             cols = []
             for kind in ("all_reduce", "all_gather", "reduce_scatter"):
                 alpha, beta = fit[kind]
@@ -189,8 +182,6 @@ def plot(all_cells, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cluster import parse_rate
 
     rates = fastest_first({c["rate"] for c in all_cells})
     x_of = {r: parse_rate(r) or 4 * max(parse_rate(q) or 0 for q in rates) for r in rates}
@@ -237,7 +228,7 @@ def placement_table(results):
         if r is None:
             continue
         p, per_node = r["placement"], r["world_size"] // r["nodes"]
-        base_link = link_fit(r, "unlimited")
+        base_link = fitted_link(r, "unlimited")
         crossing_counts = {}
         for where in ("tp-inside", "tp-across"):
             counts = Counter()
@@ -246,7 +237,7 @@ def placement_table(results):
                     counts[(kind, size)] += 1
             crossing_counts[where] = counts
         for rate in fastest_first(r["rates"]):
-            link = link_fit(r, rate)
+            link = fitted_link(r, rate)
             measured, predicted, crossing = {}, {}, {}
             for where, counts in crossing_counts.items():
                 measured[where] = p[where]["train"][rate]
@@ -264,63 +255,22 @@ def placement_table(results):
 
 # ----------------------------------------------------------------------------- on paper
 
-# per direction; alpha from NCCL's own tuning model (ring, LL protocol): 6.6 us + steps x hop
-LINKS = [
-    ("NVLink 4", 450e9, 0.6e-6, "H100 SXM: 900 GB/s total over both directions (NVIDIA H100 datasheet), 450 GB/s each way"),
-    ("PCIe 4.0 x16", 31.5e9, 1.0e-6, "16 GT/s per lane, 128b/130b encoding (PCI-SIG PCIe 4.0): 31.5 GB/s each way"),
-    ("InfiniBand NDR 400 Gb/s", 50e9, 2.7e-6, "400 Gb/s per port (NVIDIA ConnectX-7 / Quantum-2, IBTA NDR): 50 GB/s each way"),
-    ("100 GbE", 12.5e9, 2.7e-6, "IEEE 802.3ba-2010: 12.5 GB/s each way"),
-    ("10 GbE", 1.25e9, 2.7e-6, "IEEE 802.3ae-2002: 1.25 GB/s each way"),
-]
-NCCL_BASE_LATENCY = 6.6e-6  # NVIDIA/nccl src/graph/tuning.cc: baseLat, Ring/LL; hwLat Ring/LL 0.6 (NVLink), 1.0 (PCI), 2.7 us (NET)
-H100_BF16_FLOPS = 989e12  # dense BF16 tensor-core peak, H100 SXM (NVIDIA H100 datasheet)
-H100_HBM_BYTES = 3.35e12  # HBM3 bandwidth, H100 SXM (same datasheet)
-MFU = 0.4  # assumed fraction of peak FLOPs a training step reaches
-DECODE_BANDWIDTH_FRACTION = 0.7  # assumed fraction of HBM bandwidth a decoding step reaches
 # head counts that TP 8 divides (16 of 48, 32 of 50): neither the bytes nor the FLOPs depend on them
 PAPER_MODELS = [("GPT-2 124M", "gpt2", dict(n_head=16)),
                 ("GPT-2-XL size 1.5B", "gpt2-xl", dict(n_head=32))]
 PAPER_PLANS = ["megatron", "megatron-sp", "spd:half", "spd:all"]
-TRAIN_TOKENS = 1024  # one 1024-token sequence per step; communication and computation both grow with tokens
-DECODE_CONTEXT = 512
-
-
-def paper_link(hop):
-    """The cost model's alpha for a link class (NCCL ring/LL steps), at N ranks."""
-
-    def alpha(kind, n):
-        steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
-        return NCCL_BASE_LATENCY + steps * hop
-
-    return alpha
-
-
-def paper_comm(counts, n, bandwidth, hop, bytes_scale=0.5):
-    """Seconds of `counts` (fp32 message bytes, scaled to bf16) over a real link: alpha + wire / bandwidth."""
-    alpha = paper_link(hop)
-    links = {k: (alpha(k, n), bandwidth) for k in ("all_reduce", "all_gather", "reduce_scatter")}
-    return comm_seconds(Counter({(k, b * bytes_scale): c for (k, b), c in counts.items()}), n, links)
-
-
-def compute_seconds(config, workload):
-    """One GPU (H100 SXM, bf16): a training step's FLOPs at MFU, or a decoded token's bytes at the HBM fraction."""
-    params = 12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd + config.block_size * config.n_embd
-    if workload == "train":  # Kaplan et al. 2020: 6N + 6 n_layer n_ctx d per token
-        flops = TRAIN_TOKENS * (6 * params + 6 * config.n_layer * TRAIN_TOKENS * config.n_embd)
-        return flops / (H100_BF16_FLOPS * MFU)
-    kv = 2 * config.n_layer * DECODE_CONTEXT * config.n_embd * 2
-    return (params * 2 + kv) / (H100_HBM_BYTES * DECODE_BANDWIDTH_FRACTION)
 
 
 def paper_tables(counts):
-    head = "| model | workload | TP | " + " | ".join(name for name, *_ in LINKS) + " |"
+    head = "| model | workload | TP | " + " | ".join(name for name, *_ in LINKS.values()) + " |"
     rule = "|---|---|---|" + "---|" * len(LINKS)
     t1, t2 = [head, rule], [head, rule]
     for label, name, overrides in PAPER_MODELS:
         config = config_by_name(name, **overrides)
         for workload in ("decode", "train"):
-            one_gpu = compute_seconds(config, workload)
-            options = measure_options(workload, DECODE_CONTEXT if workload == "decode" else TRAIN_TOKENS, 1)
+            tokens = DECODE_CONTEXT if workload == "decode" else TRAIN_TOKENS
+            one_gpu = compute_seconds(config, workload, tokens)
+            options = measure_options(workload, tokens, 1)
             wname = "decode, per token" if workload == "decode" else f"training step, {TRAIN_TOKENS} tokens"
             for tp in (2, 4, 8):
                 row1, row2 = [], []
@@ -328,8 +278,9 @@ def paper_tables(counts):
                 for plan in PAPER_PLANS:
                     spec = f"spd:last:{config.n_layer // 2}" if plan == "spd:half" else plan
                     per_plan[plan] = counts(spec, tp, name, overrides, **options)
-                for _, bandwidth, hop, _ in LINKS:
-                    times = {p: one_gpu / tp + paper_comm(c, tp, bandwidth, hop) for p, c in per_plan.items()}
+                for _, bandwidth, hop, _ in LINKS.values():
+                    link = paper_link(bandwidth, hop, tp)
+                    times = {p: one_gpu / tp + comm_seconds(scaled(c, PAPER_BYTES), tp, link) for p, c in per_plan.items()}
                     m = times["megatron"]
                     row1.append(f"{fmt_us(m)} ({one_gpu / m:.2f}x)")
                     row2.append(" / ".join(f"{one_gpu / times[p]:.2f}" for p in PAPER_PLANS))
@@ -388,11 +339,9 @@ def report(args):
     t1, t2 = paper_tables(counts)
     print("## On paper: the links\n")
     print("| link | bandwidth each way | alpha per ring step (NCCL, ring/LL) | source |\n|---|---|---|---|")
-    for name, bandwidth, hop, source in LINKS:
+    for name, bandwidth, hop, source in LINKS.values():
         print(f"| {name} | {bandwidth / 1e9:g} GB/s | {NCCL_BASE_LATENCY * 1e6:g} us + {hop * 1e6:g} us per step | {source} |")
-    print(f"\ncompute on one H100 SXM: a training step at {MFU:.0%} of {H100_BF16_FLOPS / 1e12:g} TFLOP/s (bf16), a decoded token "
-          f"reading the weights and KV cache at {DECODE_BANDWIDTH_FRACTION:.0%} of {H100_HBM_BYTES / 1e12:g} TB/s; divided by TP; "
-          "messages in bf16 (half the fp32 bytes counted)\n")
+    print(f"\ncompute on {COMPUTE_SOURCE}; messages in bf16 (half the fp32 bytes counted)\n")
     print("## On paper: real links (megatron: time per step and speed-up over one GPU)\n")
     print(t1, "\n")
     print("## On paper: speed-up over one GPU, megatron / megatron-sp / spd half the blocks / spd all blocks\n")

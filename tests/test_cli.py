@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtensor_gpt import GPT, comm, reshard, save_checkpoint
+from dtensor_gpt import GPT, advise, comm, reshard, save_checkpoint
 from dtensor_gpt.data import TextData
 from dtensor_gpt.format import CheckpointError
 from dtensor_gpt.sources import open_source
@@ -32,7 +32,7 @@ import train  # noqa: E402
 
 ENTRY_POINTS = {"examples/train.py": train.parse_args, "examples/generate.py": generate.parse_args,
                 "examples/demo.py": demo.parse_args, "python -m dtensor_gpt.comm": comm.main,
-                "python -m dtensor_gpt.reshard": reshard.main}
+                "python -m dtensor_gpt.reshard": reshard.main, "python -m dtensor_gpt.advise": advise.main}
 
 
 class _Parser(Exception):

@@ -20,8 +20,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import cluster  # noqa: E402
 from cluster import Cluster, JobFailed, missing_requirements, parse_rate  # noqa: E402
-from comm_cost import measure_options  # noqa: E402
 from dtensor_gpt.comm import comm_report  # noqa: E402
+from dtensor_gpt.cost import measure_options  # noqa: E402
 
 needs_cluster = pytest.mark.skipif(missing_requirements() is not None,
                                    reason=f"the emulated cluster {missing_requirements()}")

@@ -1,17 +1,13 @@
-"""The cost model of benchmarks/comm_cost.py: its fit, its prediction, and its collectives against dtensor_gpt.comm."""
+"""The cost model (dtensor_gpt.cost): its fit, its prediction, and its collectives against dtensor_gpt.comm."""
 
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from comm_cost import fit_link, measure_options, plan_collectives, predict  # noqa: E402
-from dtensor_gpt.comm import comm_report  # noqa: E402
-from helpers import small_config  # noqa: E402
+from dtensor_gpt.comm import comm_report
+from dtensor_gpt.cost import fit_link, measure_options, plan_collectives, plan_parts, predict
+from helpers import small_config
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -50,3 +46,11 @@ def test_collectives_from_one_and_two_blocks_equal_the_whole_models(spec, n_laye
     config = small_config(n_layer=n_layer)
     options = measure_options(measure, 8, batch=2)
     assert plan_collectives(spec, 2, config, **options) == _direct(spec, 2, config, **options)
+
+
+def test_the_blocks_collectives_apart_from_the_rest():
+    """What overlap and compression act on: 2 all-reduces of the activations per kept block, 1 per dropped one."""
+    edges, blocks = plan_parts("spd:last:1", 2, small_config(n_layer=3), **measure_options("prefill", 8))
+    activations = 8 * 96 * 4  # one row of 8 positions, fp32
+    assert blocks == Counter({("all_reduce", activations): 2 * 2 + 1})
+    assert edges[("all_reduce", activations)] == 1  # the vocabulary-parallel embedding's
