@@ -43,7 +43,8 @@ RUNNERS = ("python", "python3", "torchrun")
 OPERATORS = ("&&", "||", ";", "|", "&")
 CHECKED_PATHS = ("--data", "--tokenizer", "--resume", "--init-from", "--checkpoint")
 # the tools the README must show a command line for
-README_TOOLS = {"examples/generate.py", "examples/train.py", "examples/demo.py", "dtensor_gpt.reshard", "dtensor_gpt.comm"}
+README_TOOLS = {"examples/generate.py", "examples/train.py", "examples/demo.py", "dtensor_gpt.reshard", "dtensor_gpt.comm",
+                "dtensor_gpt.advise"}
 
 
 def test_ci_runs_the_readme_test_command():
