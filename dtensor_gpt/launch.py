@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -73,10 +74,9 @@ def silent_ranks(seconds):
     keys = [f"answers/{r}" for r in range(dist.get_world_size())]
     try:
         _store.set(keys[dist.get_rank()], "1")
-        try:
-            _store.wait(keys, datetime.timedelta(seconds=seconds))
-        except RuntimeError:
-            pass
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not _store.check(keys):  # (store.wait logs its timeout on every rank)
+            time.sleep(0.1)
         return [r for r, key in enumerate(keys) if not _store.check([key])]
     except RuntimeError:
         return None

@@ -444,7 +444,7 @@ def _train(args, mesh, say):
         with source:
             saved = load_checkpoint(model, source, optimizer=optimizer)
         first = saved["extra"].get("iter", saved["extra"].get("nanogpt", {}).get("iter_num", 0))
-        if first >= args.max_iters:
+        if first >= args.max_iters and not auto:
             raise ValueError(f"--resume {args.resume} is at iteration {first}; pass --max-iters above it")
         if "batch_rng" in saved["extra_tensors"]:  # a nanoGPT run keeps no data order: batches start afresh
             batches.set_state(saved["extra_tensors"]["batch_rng"])
@@ -467,6 +467,9 @@ def _train(args, mesh, say):
             extra["chars"] = data.tokenizer.chars
         return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
 
+    if first >= args.max_iters:  # --resume auto after the run's last save: a restart has nothing left to do
+        say(f"--resume auto: {args.out} holds this run's last iteration ({first}); nothing left to train")
+        return model, optimizer, data, run_state(first), [], None
     say(f"training iterations {first} to {args.max_iters} ({memory})"
         f"{f'; first an evaluation of {args.eval_iters} batches per split' if first == 0 else ''}")
     losses, evaluation, start, saved_at = [], None, time.time(), None

@@ -348,6 +348,11 @@ def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path):
                        f"--overwrite to replace it")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not (tmp_path / ".ckpt.lock").exists(), "the refused run let go of --out"
+    assert run_distributed(_refusals, 1, common, ["--resume", "auto", "--seed", "1"], ["--resume", "auto"]) == [
+        f"--resume auto: --out {out} holds another run's checkpoint (it ran with --seed 1337, this run with 1); pass "
+        f"--resume {out} to continue that run, --overwrite to replace it, or give another --out",
+        None,  # its own, finished: nothing left to do
+    ]
     assert run_distributed(_refused, 1, *common, "--seed", "1", "--overwrite") is None
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
 
