@@ -413,13 +413,13 @@ def train(args, mesh, say=print):
 
 def _train(args, mesh, say):
     tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
+    refusal = args.out and os.path.exists(args.out) and not_a_checkpoint(args.out)
+    if refusal:  # found now, not after the run
+        raise ValueError(f"--out: {refusal}")
     identity = run_identity(args)
     auto = args.resume == "auto"
     if auto:
         args.resume = own_checkpoint(args, identity)
-    refusal = args.out and os.path.exists(args.out) and not_a_checkpoint(args.out)
-    if refusal:  # found now, not after the run
-        raise ValueError(f"--out: {refusal}")
     continuing = args.resume and args.out and os.path.realpath(args.resume) == os.path.realpath(args.out)
     if args.out and os.path.exists(args.out) and not (continuing or args.overwrite):
         raise ValueError(f"--out {args.out} holds another run's checkpoint; pass --resume {args.out} to continue "
