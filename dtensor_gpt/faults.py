@@ -18,21 +18,21 @@ import torch.distributed as dist
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 
 
-def planned(text=None, attempt=None):
+def planned():
     """This attempt's fault as (rank, iteration, where: "step" or "save", signal), or None; a bad spec raises ValueError."""
-    text = os.environ.get("DTENSOR_GPT_FAULT", "") if text is None else text
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) if attempt is None else attempt
-    faults = [f for f in text.split(";") if f.strip()]
-    if attempt >= len(faults):
-        return None
-    fields = dict(f.partition("=")[::2] for f in faults[attempt].replace(" ", "").split(","))
-    where = "save" if "save" in fields else "step"
+    faults = [_parsed(f) for f in os.environ.get("DTENSOR_GPT_FAULT", "").split(";") if f.strip()]
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return faults[attempt] if attempt < len(faults) else None
+
+
+def _parsed(fault):
+    fields = dict(f.partition("=")[::2] for f in fault.replace(" ", "").split(","))
     actions = [a for a in SIGNALS if a in fields]
     if set(fields) - {"rank", "iter", "save", *SIGNALS} or len(actions) != 1 or \
             not fields.get("rank", "").isdigit() or not fields.get("iter", "").isdigit():
-        raise ValueError(f"DTENSOR_GPT_FAULT fault {faults[attempt]!r} is not 'rank=R,iter=I[,save],kill|stop'; "
+        raise ValueError(f"DTENSOR_GPT_FAULT: {fault.strip()!r} is not 'rank=R,iter=I[,save],kill|stop'; "
                          f"e.g. rank=1,iter=7,kill")
-    return int(fields["rank"]), int(fields["iter"]), where, SIGNALS[actions[0]]
+    return int(fields["rank"]), int(fields["iter"]), "save" if "save" in fields else "step", SIGNALS[actions[0]]
 
 
 def fault_point(where, iteration):

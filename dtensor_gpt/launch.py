@@ -75,7 +75,7 @@ def silent_ranks(seconds):
     try:
         _store.set(keys[dist.get_rank()], "1")
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not _store.check(keys):  # (store.wait logs its timeout on every rank)
+        while time.monotonic() < deadline and not _store.check(keys):  # polled: store.wait logs its own timeout
             time.sleep(0.1)
         return [r for r, key in enumerate(keys) if not _store.check([key])]
     except RuntimeError:
@@ -101,7 +101,7 @@ def stalls_reported(timeout):
                "every rank answers afterwards, so one was only slow")
         timed_out = "timed out" in str(e).lower()
         what = f"did not complete within --timeout {timeout:g} s" if timed_out else "lost a peer's connection"
-        detail = re.search(r"Timed out[^\n]*|Connection (reset|closed) by peer", str(e))
+        detail = re.search(r"(?i)timed out[^\n]*|connection (reset|closed) by peer", str(e))
         print(f"error: rank {dist.get_rank()}: a collective in {_doing} {what}: {who}"
               f"{'; raise --timeout if the job is merely slow' if timed_out else ''}"
               f" (gloo: {detail.group(0) if detail else str(e).splitlines()[0]})", file=sys.stderr)

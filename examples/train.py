@@ -6,6 +6,12 @@ Train the GPT with tensor parallelism on a text file, nanoGPT's shakespeare_char
 (input.txt: tinyshakespeare, karpathy/char-rnn's data/tinyshakespeare/input.txt, the text
 nanoGPT's data/shakespeare_char/prepare.py downloads.)
 
+A run that survives a dead or stalled rank: the same command on every restart, continuing
+from its own last checkpoint in --out (tests/test_restart.py; DTENSOR_GPT_FAULT in
+dtensor_gpt/faults.py injects the failures):
+
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 examples/train.py --data input.txt --out out/shakespeare --resume auto --timeout 60
+
 Defaults are nanoGPT's CPU shakespeare_char run: n_layer=4, n_head=4, n_embd=128,
 block_size=64, batch_size=12, 2000 iterations, lr 1e-3 with 100 warm-up steps, cosine decay
 to 1e-4, AdamW (beta2 0.99, weight decay 0.1 on matrices), gradient clipping at 1.0,
