@@ -61,7 +61,7 @@ def test_a_killed_or_stalled_rank_is_restarted_and_the_run_ends_as_if_uninterrup
     job = torchrun(tmp_path, "job", *common, "--out", "run", restarts=3, fault=faults)
     stalled = None
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 400
         while stalled is None and job.poll() is None and time.time() < deadline:
             time.sleep(0.2)
             pid = stopped_child(job.pid)
