@@ -10,7 +10,7 @@ A run that survives a dead or stalled rank: the same command on every restart, c
 from its own last checkpoint in --out (tests/test_restart.py; DTENSOR_GPT_FAULT in
 dtensor_gpt/faults.py injects the failures):
 
-    torchrun --standalone --nproc-per-node 2 --max-restarts 3 examples/train.py --data input.txt --out out/shakespeare --resume auto --timeout 60
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 examples/train.py --data input.txt --out out/run --resume auto
 
 Defaults are nanoGPT's CPU shakespeare_char run: n_layer=4, n_head=4, n_embd=128,
 block_size=64, batch_size=12, 2000 iterations, lr 1e-3 with 100 warm-up steps, cosine decay
@@ -381,7 +381,7 @@ def owning(out):
     if out and dist.get_rank() == 0:
         try:
             lock = take_lock(out)
-            clean_stale_temporaries(out)  # a save a failure interrupted: its files go, a checkpoint it moved aside returns
+            clean_stale_temporaries(out)  # an interrupted save's files go; a checkpoint it moved aside returns
         except (ValueError, OSError) as e:
             refusal = [str(e)]
     if out:
