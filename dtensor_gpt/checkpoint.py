@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from dtensor_gpt import layout
 from dtensor_gpt.apply_tp import tied_parameters
+from dtensor_gpt.faults import fault_point
 from dtensor_gpt.materialize import allocate, local_values, on_meta
 from dtensor_gpt.format import FORMAT, CheckpointError, index_sha256, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.parallelize import plan_name
@@ -142,6 +143,7 @@ def save_checkpoint(model, path, overwrite=False, plan=None, optimizer=None, ext
     unfinished = tmp if first else None  # removed by rank 0 when any rank fails
     digest = _attempt(writer, path, where, _write_rank_file, os.path.join(tmp, rank_file(rank, parts)), mine, meta,
                       needed=needed)
+    fault_point("save", (extra or {}).get("iter"))  # the tests' kill during a save: files written, no index
     digests = _agree(digest, distributed, remove=unfinished)
     files = {fname: d for digest in digests if digest for fname, d in digest.items()}
     failure = _attempt(first, path, where, _write_and_publish, tmp, path, dict(index, files=files), overwrite)

@@ -4,6 +4,7 @@ import contextlib
 import datetime
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -19,7 +20,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-_monitor = None  # a spare gloo group: after a timeout the main group's connections are closed
+_store = None  # this attempt's store, where the ranks still answering sign in after a failure
+_doing = "the set-up"  # what this rank is doing, for the line a failure ends it with
+PEER_LOST = ("timed out", "connection reset by peer", "connection closed by peer")
 
 
 def init_distributed(mesh_shape=None, mesh_dim_names=None, timeout=None):
@@ -29,8 +32,12 @@ def init_distributed(mesh_shape=None, mesh_dim_names=None, timeout=None):
     CUDA/NCCL is used when every local rank can have a GPU of its own, CPU/gloo otherwise.
     `timeout` (seconds) bounds every collective, so a stalled or dead peer ends the job
     (see `stalls_reported`) instead of torch's default 30 minutes. Returns (mesh, device).
+
+    The process group's keys go under torchrun's restart count: its workers share the
+    agent's store, whose keys outlive a restart, and a restarted worker would otherwise
+    read the dead workers' addresses and never connect (pytorch/pytorch#135712, #167288).
     """
-    global _monitor
+    global _store
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -44,37 +51,60 @@ def init_distributed(mesh_shape=None, mesh_dim_names=None, timeout=None):
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout) if timeout else None)
-        if dist.get_world_size() > 1:
-            _monitor = dist.new_group(backend="gloo")
+        limit = datetime.timedelta(seconds=timeout) if timeout else None
+        store, rank, world_size = next(dist.rendezvous("env://", **({"timeout": limit} if limit else {})))
+        _store = dist.PrefixStore(f"dtensor_gpt/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, timeout=limit, store=_store, rank=rank, world_size=world_size)
     shape = mesh_shape or (dist.get_world_size(),)
     return init_device_mesh(device.type, shape, mesh_dim_names=mesh_dim_names), device
+
+
+def doing(what):
+    """Say what this rank does from now on ("iteration 7's training step"), for `stalls_reported`'s line."""
+    global _doing
+    _doing = what
+
+
+def silent_ranks(seconds):
+    """
+    The ranks that do not sign in to the store within `seconds`, this one having signed in:
+    after a failure every rank still running comes here. None when the store itself does not
+    answer (outside torchrun rank 0 holds it).
+    """
+    keys = [f"answers/{r}" for r in range(dist.get_world_size())]
+    try:
+        _store.set(keys[dist.get_rank()], "1")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not _store.check(keys):  # polled: store.wait logs its own timeout
+            time.sleep(0.1)
+        return [r for r, key in enumerate(keys) if not _store.check([key])]
+    except RuntimeError:
+        return None
 
 
 @contextlib.contextmanager
 def stalls_reported(timeout):
     """
-    End the job with one message when a collective times out: rank 0 names the ranks that
-    no longer answer (torch's `monitored_barrier` on a spare group), the others stay quiet.
+    End the job when a collective times out or a peer's connection breaks: every rank still
+    running prints one line naming the ranks that stopped answering (those that do not sign
+    in to the store within min(timeout, 5) s) and what it was waiting in, then exits with 3.
     """
     try:
         yield
     except RuntimeError as e:
-        if "timed out" not in str(e).lower() or _monitor is None:
+        if _store is None or not any(s in str(e).lower() for s in PEER_LOST):
             raise
-        rank = dist.get_rank()
-        try:
-            dist.monitored_barrier(group=_monitor, timeout=datetime.timedelta(seconds=min(timeout, 10)), wait_all_ranks=True)
-            who = "every rank answers afterwards, so one was only slow"
-        except RuntimeError as probe:
-            found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(probe))
-            who = f"rank(s) {found.group(1)} do not answer (stalled or dead)" if found else "a peer does not answer"
-        if rank == 0:
-            detail = re.search(r"[Tt]imed out[^\n]*", str(e)).group(0)
-            print(f"error: a collective did not complete within --timeout {timeout:g} s: {who}; raise --timeout "
-                  f"if the job is merely slow (gloo: {detail})", file=sys.stderr)
-        else:
-            time.sleep(2)  # let rank 0 report before torchrun stops the job
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun ends the others once a rank dies: say why first
+        silent = silent_ranks(min(timeout, 5))
+        who = ("the store does not answer either (rank 0 holds it outside torchrun)" if silent is None else
+               f"rank(s) {', '.join(map(str, silent))} do not answer (stalled or dead)" if silent else
+               "every rank answers afterwards, so one was only slow")
+        timed_out = "timed out" in str(e).lower()
+        what = f"did not complete within --timeout {timeout:g} s" if timed_out else "lost a peer's connection"
+        detail = re.search(r"(?i)timed out[^\n]*|connection (reset|closed) by peer", str(e))
+        print(f"error: rank {dist.get_rank()}: a collective in {_doing} {what}: {who}"
+              f"{'; raise --timeout if the job is merely slow' if timed_out else ''}"
+              f" (gloo: {detail.group(0) if detail else str(e).splitlines()[0]})", file=sys.stderr)
         sys.stderr.flush()
         os._exit(3)
 

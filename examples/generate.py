@@ -23,7 +23,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from dtensor_gpt import GPT, GPTConfig, compile_decoding, load_checkpoint, parallelize
 from dtensor_gpt.checkpoint import CheckpointError
 from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
-from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
+from dtensor_gpt.launch import doing, exit_distributed, init_distributed, stalls_reported
 from dtensor_gpt.safetensors_stream import DTYPE_NAMES
 from plans import PLANS
 from plans.spd import spd_blocks_from_text
@@ -183,8 +183,10 @@ def generate(args, mesh, device):
 
     def on_token(tokens):
         stamps.append(time.time())
+        doing(f"generating token {len(stamps) + 1}")
         show(tokens)
 
+    doing("generating token 1")
     start = time.time()
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                          use_cache=not args.no_cache, generator=generator, on_token=on_token, sample=sampler_for(args))

@@ -6,6 +6,12 @@ Train the GPT with tensor parallelism on a text file, nanoGPT's shakespeare_char
 (input.txt: tinyshakespeare, karpathy/char-rnn's data/tinyshakespeare/input.txt, the text
 nanoGPT's data/shakespeare_char/prepare.py downloads.)
 
+A run that survives a dead or stalled rank: the same command on every restart, continuing
+from its own last checkpoint in --out (tests/test_restart.py; DTENSOR_GPT_FAULT in
+dtensor_gpt/faults.py injects the failures):
+
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 examples/train.py --data input.txt --out out/run --resume auto
+
 Defaults are nanoGPT's CPU shakespeare_char run: n_layer=4, n_head=4, n_embd=128,
 block_size=64, batch_size=12, 2000 iterations, lr 1e-3 with 100 warm-up steps, cosine decay
 to 1e-4, AdamW (beta2 0.99, weight decay 0.1 on matrices), gradient clipping at 1.0,
@@ -17,6 +23,7 @@ train.py turns off (`--no-bias`); here they lower the validation loss by 0.009 o
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -37,8 +44,9 @@ from dtensor_gpt.memory import available_bytes, training_step_bytes
 from dtensor_gpt.format import not_a_checkpoint
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
-from dtensor_gpt.launch import exit_distributed, init_distributed, stalls_reported
-from dtensor_gpt.publish import release_lock, take_lock
+from dtensor_gpt.launch import doing, exit_distributed, init_distributed, stalls_reported
+from dtensor_gpt.faults import fault_point, planned
+from dtensor_gpt.publish import clean_stale_temporaries, release_lock, take_lock
 from plans import PLANS
 from plans.spd import spd_blocks_from_text
 
@@ -63,8 +71,10 @@ def parse_args(argv=None):
                    help="save at every --save-interval even if the validation loss did not improve (nanoGPT's "
                         "always_save_checkpoint; otherwise only an improvement replaces the checkpoint)")
     p.add_argument("--resume", help="continue a run: a checkpoint --out wrote (at any TP degree) or a nanoGPT "
-                                    "ckpt.pt (its out_dir): model, optimizer state, step (and data order, ours) "
-                                    "(default: a new run)")
+                                    "ckpt.pt (its out_dir): model, optimizer state, step (and data order, ours); "
+                                    "'auto': continue from --out if it holds this run's checkpoint (same data and "
+                                    "settings), else start the run, so that one command serves every restart of "
+                                    "torchrun --max-restarts (default: a new run)")
     p.add_argument("--init-from", help="start from a model's weights with a fresh optimizer, as nanoGPT's init_from: "
                                        "a checkpoint of this project, a Hugging Face GPT-2 directory or a nanoGPT "
                                        "ckpt.pt (default: random weights from --seed)")
@@ -118,10 +128,16 @@ def parse_args(argv=None):
         p.error(f"--tokenizer {args.tokenizer} is not a file; give char, gpt2, a .tiktoken ranks file or a nanoGPT meta.pkl")
     if args.resume and args.init_from:
         p.error("--resume continues a run and --init-from starts a new one from its weights; give one of them")
-    for flag, path in (("--resume", args.resume), ("--init-from", args.init_from)):
+    if args.resume == "auto" and not args.out:
+        p.error("--resume auto continues from --out's checkpoint; give --out")
+    try:
+        planned()
+    except ValueError as e:
+        p.error(str(e))
+    for flag, path in (("--resume", args.resume if args.resume != "auto" else None), ("--init-from", args.init_from)):
         if path and not os.path.exists(path):
             p.error(f"{flag} {path} does not exist")
-    if not (args.resume or args.init_from):
+    if args.resume in (None, "auto") and not args.init_from:
         n_embd, n_head = args.n_embd or NEW_MODEL["n_embd"], args.n_head or NEW_MODEL["n_head"]
         if n_embd % n_head:
             heads = ", ".join(str(h) for h in range(1, n_embd + 1) if n_embd % h == 0)
@@ -177,6 +193,45 @@ def model_config(args, source, data):
 SCHEDULE = dict(lr=("--lr", "learning_rate"), min_lr=("--min-lr", "min_lr"), warmup_iters=("--warmup-iters", "warmup_iters"),
                 lr_decay_iters=("--lr-decay-iters", "lr_decay_iters"))
 EMBEDDINGS = {"transformer.wte.weight", "transformer.wpe.weight"}
+
+
+# flags that do not change what a run computes: a restart may give them otherwise
+NOT_THE_RUN = {"data", "out", "overwrite", "resume", "max_iters", "log_interval", "timeout"}
+
+
+def run_identity(args):
+    """
+    What makes a run this run: the data's bytes and every setting that changes its weights,
+    as given (before a checkpoint fills in the architecture). Saved with each checkpoint,
+    so that --resume auto continues only its own run.
+    """
+    with open(args.data, "rb") as f:
+        data = hashlib.sha256(f.read()).hexdigest()
+    return {"data_sha256": data, **{k: v for k, v in sorted(vars(args).items()) if k not in NOT_THE_RUN}}
+
+
+def own_checkpoint(args, identity):
+    """
+    --resume auto: --out when it holds this run's checkpoint, None when it holds none; another
+    run's (other data or settings, or none recorded) is refused unless --overwrite replaces it.
+    """
+    if not os.path.exists(args.out):
+        return None
+    with open_source(args.out) as source:
+        saved = source.extra.get("run")
+    if saved == identity:
+        return args.out
+    if args.overwrite:
+        return None
+    if saved is None:
+        why = "it records no run settings"
+    elif saved.get("data_sha256") != identity["data_sha256"]:
+        why = f"it was trained on other data than --data {args.data}"
+    else:
+        key = next(k for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k))
+        why = f"it ran with --{key.replace('_', '-')} {saved.get(key)}, this run with {identity.get(key)}"
+    raise ValueError(f"--resume auto: --out {args.out} holds another run's checkpoint ({why}); pass --resume "
+                     f"{args.out} to continue that run, --overwrite to replace it, or give another --out")
 
 
 def refuse_another_run(args, source, model, optimizer):
@@ -326,6 +381,7 @@ def owning(out):
     if out and dist.get_rank() == 0:
         try:
             lock = take_lock(out)
+            clean_stale_temporaries(out)  # an interrupted save's files go; a checkpoint it moved aside returns
         except (ValueError, OSError) as e:
             refusal = [str(e)]
     if out:
@@ -366,6 +422,10 @@ def _train(args, mesh, say):
     refusal = args.out and os.path.exists(args.out) and not_a_checkpoint(args.out)
     if refusal:  # found now, not after the run
         raise ValueError(f"--out: {refusal}")
+    identity = run_identity(args)
+    auto = args.resume == "auto"
+    if auto:
+        args.resume = own_checkpoint(args, identity)
     continuing = args.resume and args.out and os.path.realpath(args.resume) == os.path.realpath(args.out)
     if args.out and os.path.exists(args.out) and not (continuing or args.overwrite):
         raise ValueError(f"--out {args.out} holds another run's checkpoint; pass --resume {args.out} to continue "
@@ -390,23 +450,32 @@ def _train(args, mesh, say):
         with source:
             saved = load_checkpoint(model, source, optimizer=optimizer)
         first = saved["extra"].get("iter", saved["extra"].get("nanogpt", {}).get("iter_num", 0))
-        if first >= args.max_iters:
+        if first >= args.max_iters and not auto:
             raise ValueError(f"--resume {args.resume} is at iteration {first}; pass --max-iters above it")
         if "batch_rng" in saved["extra_tensors"]:  # a nanoGPT run keeps no data order: batches start afresh
             batches.set_state(saved["extra_tensors"]["batch_rng"])
             evals.set_state(saved["extra_tensors"]["eval_rng"])
-        say(f"resumed {args.resume} at iteration {first}")
+        if not auto:
+            say(f"resumed {args.resume} at iteration {first}")
+    if auto:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        attempt = f" (torchrun restart {restart})" if restart else ""
+        say(f"--resume auto: continuing this run from {args.out} at iteration {first}{attempt}" if args.resume else
+            f"--resume auto: {args.out} holds no checkpoint of this run; starting it at iteration 0{attempt}")
     best = saved["extra"].get("best_val_loss", saved["extra"].get("nanogpt", {}).get("best_val_loss")) if args.resume else None
     best = math.inf if best is None else best
 
     def run_state(it):
         """What --resume needs to continue from iteration `it` exactly."""
         extra = {"iter": it, **{f: getattr(args, f) for f in SCHEDULE}, "best_val_loss": best,
-                 "dataset": os.path.splitext(os.path.basename(args.data))[0]}
+                 "dataset": os.path.splitext(os.path.basename(args.data))[0], "run": identity}
         if isinstance(data.tokenizer, CharTokenizer):
             extra["chars"] = data.tokenizer.chars
         return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
 
+    if first >= args.max_iters:  # --resume auto after the run's last save: a restart has nothing left to do
+        say(f"--resume auto: {args.out} holds this run's last iteration ({first}); nothing left to train")
+        return model, optimizer, data, run_state(first), [], None
     say(f"training iterations {first} to {args.max_iters} ({memory})"
         f"{f'; first an evaluation of {args.eval_iters} batches per split' if first == 0 else ''}")
     losses, evaluation, start, saved_at = [], None, time.time(), None
@@ -417,6 +486,7 @@ def _train(args, mesh, say):
             group["lr"] = learning_rate(it, args)
         save_point = args.out and it > first and (it % args.save_interval == 0 or it == args.max_iters)
         if (it % args.eval_interval == 0 and it > first) or it == 0 or it == args.max_iters or save_point:
+            doing(f"the evaluation at iteration {it}")
             evaluation = estimate_loss(model, data, args, evals, dp)
             say(f"step {it}: train loss {evaluation['train']:.4f}, val loss {evaluation['val']:.4f} "
                 f"({time.time() - start:.0f}s)")
@@ -424,6 +494,7 @@ def _train(args, mesh, say):
                 raise Diverged(f"the evaluation at iteration {it} gave {evaluation}", args)
             if save_point and (evaluation["val"] < best or args.always_save_checkpoint):
                 best, saved_at = min(best, evaluation["val"]), it  # nanoGPT's best: among saved checkpoints
+                doing(f"saving {args.out} at iteration {it}")
                 save_checkpoint(model, args.out, overwrite=True, plan=args.plan, optimizer=optimizer, **run_state(it))
                 say(f"saved {args.out} at iteration {it}")
             elif it == 0:  # nanoGPT's baseline: a checkpoint must beat the untrained model, which is never saved
@@ -434,6 +505,8 @@ def _train(args, mesh, say):
         # draws what the uninterrupted one did, TP ranks alike (their replicated activations
         # must drop the same elements) and data-parallel replicas apart (their rows differ)
         torch.manual_seed((args.seed << 40) ^ (it << 16) ^ dp.rank)
+        doing(f"iteration {it}'s training step")
+        fault_point("step", it)
         micro_losses = []
         for _ in range(steps):
             x, y = dp.rows(*data.batch("train", args.batch_size, args.block_size, batches))

@@ -144,7 +144,7 @@ def load(tool):
 def with_checked_paths_present(args, tmp_path):
     args = list(args)
     for i, arg in enumerate(args[:-1]):
-        if arg in CHECKED_PATHS and args[i + 1] not in ("char", "gpt2") and not os.path.exists(args[i + 1]):
+        if arg in CHECKED_PATHS and args[i + 1] not in ("char", "gpt2", "auto") and not os.path.exists(args[i + 1]):
             stand_in = tmp_path / f"stand-in-{i}"
             stand_in.write_text("")
             args[i + 1] = str(stand_in)

@@ -335,6 +335,9 @@ def test_a_run_that_saves_nothing_says_so(tmp_path):
 
 
 def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path):
+    import socket
+    import subprocess
+
     from helpers import write_text
 
     write_text(tmp_path / "text.txt")
@@ -348,6 +351,16 @@ def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path):
                        f"--overwrite to replace it")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not (tmp_path / ".ckpt.lock").exists(), "the refused run let go of --out"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    aside = tmp_path / f".ckpt.tmp-{gone.pid}@{socket.gethostname()}-0123abcd.old"
+    out.rename(aside)  # as a save killed between its two renames leaves it: found and put back first
+    assert run_distributed(_refusals, 1, common, ["--resume", "auto", "--seed", "1"], ["--resume", "auto"]) == [
+        f"--resume auto: --out {out} holds another run's checkpoint (it ran with --seed 1337, this run with 1); pass "
+        f"--resume {out} to continue that run, --overwrite to replace it, or give another --out",
+        None,  # its own, finished: nothing left to do
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not aside.exists()
     assert run_distributed(_refused, 1, *common, "--seed", "1", "--overwrite") is None
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
 
