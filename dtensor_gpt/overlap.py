@@ -5,8 +5,8 @@ A row-parallel `c_proj` issues its all-reduce as a functional collective: the ca
 once, the process group (gloo's own threads, NCCL's stream) moves the data, and the result is
 waited for only where it is first used. A block run whole uses each sum at once
 (`x + attn(...)`), so nothing computes while it flies. Here the block's work is split into
-chunks, rows of the batch (or positions of the sequence, for one row), and the block's own
-submodules run in the order
+chunks, rows of the batch, or positions of the sequence (for one row, or a prompt written
+into a KV cache), and the block's own submodules run in the order
 
     attn(chunk 0), attn(chunk 1), ...      chunk i's sum flies during chunk i+1's attention
     mlp(chunk 0), mlp(chunk 1), ...        the last attention sum during mlp(chunk 0), chunk i's MLP sum during mlp(i+1)
@@ -15,7 +15,9 @@ submodules run in the order
 Each chunk is the block's own arithmetic on its rows or positions, so the result is the
 model's; the same bytes cross the wire in `chunks` times as many all-reduces. A later
 sequence chunk's attention reads the earlier chunks' keys and values through the attention's
-own cache path. One row of one token has nothing to split and runs the block whole.
+own cache path. One row of one token has nothing to split and runs the block whole. The
+backward issues the same chunked all-reduces (each chunk's input gradient is summed); the
+order autograd runs them in is its own, not arranged here for overlap.
 """
 
 import functools
