@@ -5,7 +5,9 @@ Does megatron-overlap hide its all-reduces? The same forward (and training step)
     python benchmarks/overlap_bench.py [--tp 2] [--n-embd 768] [--n-layer 2] [--batch 1] [--seq 512] [--chunks 2,4] [--repeats 10]
 
 Every plan runs in turn within each repeat (a shared machine's drifting load slows them
-alike); medians are printed. "all-reduces alone" is the time of the all-reduces that
+alike); medians are printed. "blocked in waits" is the part of a forward spent waiting for
+collectives to finish (functional collectives' wait_tensor, timed): under megatron each
+all-reduce is waited for as soon as it is issued; what overlapping hides no longer shows here. "all-reduces alone" is the time of the all-reduces that
 `megatron`'s forward issues (2 per block of (batch, seq, n_embd) floats), back to back: the
 most that overlapping could hide. "gloo during compute": one such all-reduce issued as a
 functional collective (as DTensor issues it), matmuls of about its duration, then the wait;
@@ -42,6 +44,20 @@ def timed(fn, repeats_inside=1):
     for _ in range(repeats_inside):
         fn()
     return (time.perf_counter() - start) / repeats_inside
+
+
+def count_blocked_seconds():
+    """Make every wait for a functional collective add its seconds to the returned list's one item."""
+    blocked, wait = [0.0], funcol.wait_tensor
+
+    def timed_wait(tensor):
+        start = time.perf_counter()
+        out = wait(tensor)
+        blocked[0] += time.perf_counter() - start
+        return out
+
+    funcol.wait_tensor = timed_wait
+    return blocked
 
 
 def worker(rank, world_size, init_file, args):
@@ -81,13 +97,15 @@ def worker(rank, world_size, init_file, args):
         matmuls()
         summed.wait()
 
-    times = {}
+    times, blocked = {}, count_blocked_seconds()
     for repeat in range(args.repeats + 1):  # the first repeat warms up
         for name, model in models.items():
             for what, fn in (("forward", forward), ("forward + backward", train)):
+                blocked[0] = 0.0
                 seconds = timed(lambda: fn(model))
                 if repeat:
                     times.setdefault(what, {}).setdefault(name, []).append(seconds)
+                    times.setdefault(f"{what}: blocked in waits", {}).setdefault(name, []).append(blocked[0])
         for what, name, fn in (("forward", "all-reduces alone", all_reduces),
                                ("gloo during compute", "one all-reduce", lambda: dist.all_reduce(activation)),
                                ("gloo during compute", f"{args.matmuls} matmuls", matmuls),
@@ -100,7 +118,7 @@ def worker(rank, world_size, init_file, args):
               f"median of {args.repeats} (ms):")
         for what, rows in times.items():
             for name, values in rows.items():
-                print(f"  {what:20} {name:30} {1000 * statistics.median(values):8.1f}")
+                print(f"  {what:36} {name:30} {1000 * statistics.median(values):8.1f}")
     dist.destroy_process_group()
 
 
