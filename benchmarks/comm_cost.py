@@ -44,7 +44,7 @@ JOB = os.path.join(HERE, "cluster_job.py")
 
 RATES = ["unlimited", "1gbit", "300mbit", "100mbit"]
 SIZES = [2048, 8192, 32768, 131072, 524288, 2097152]
-PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all"]
+PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all", "megatron-overlap"]
 MEASURES = ["decode", "prefill", "train"]
 WORKLOAD = dict(config="gpt2", context=512, new=8, train_batch=1, train_seq=512, repeats=3)
 # examples/train.py's own model (nanoGPT's CPU shakespeare_char) with its batch (12 rows of 64 characters, 6

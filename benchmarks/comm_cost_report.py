@@ -163,7 +163,9 @@ def jobs_table(results):
 
 def savings_table(all_cells):
     """Time of each plan against megatron's, per TP, rate and measure."""
-    lines = ["| TP | link | measure | megatron | megatron-sp | spd last:6 | spd all |", "|---|---|---|---|---|---|---|"]
+    others = [plan for plan in PLANS if plan != "megatron" and any(c["plan"] == plan for c in all_cells)]
+    lines = ["| TP | link | measure | megatron | " + " | ".join(p.replace("spd:", "spd ") for p in others) + " |",
+             "|---|---|---|---|" + "---|" * len(others)]
     index = {(c["tp"], c["rate"], c["measure"], c["plan"]): c["measured"] for c in all_cells}
     for tp in (2, 4):
         for rate in fastest_first({c["rate"] for c in all_cells}):
@@ -171,8 +173,8 @@ def savings_table(all_cells):
                 m = index.get((tp, rate, measure, "megatron"))
                 if m is None:
                     continue
-                others = [index.get((tp, rate, measure, p)) for p in ("megatron-sp", "spd:last:6", "spd:all")]
-                texts = [f"{fmt_time(t)} ({t / m - 1:+.0%})" if t else "" for t in others]
+                times = [index.get((tp, rate, measure, p)) for p in others]
+                texts = [f"{fmt_time(t)} ({t / m - 1:+.0%})" if t else "" for t in times]
                 lines.append(f"| {tp} | {fmt_rate(rate)} | {measure} | {fmt_time(m)} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
@@ -185,7 +187,8 @@ def plot(all_cells, path):
 
     rates = fastest_first({c["rate"] for c in all_cells})
     x_of = {r: parse_rate(r) or 4 * max(parse_rate(q) or 0 for q in rates) for r in rates}
-    colors = {"megatron": "#4c72b0", "megatron-sp": "#55a868", "spd:last:6": "#c44e52", "spd:all": "#8172b2"}
+    colors = {"megatron": "#4c72b0", "megatron-sp": "#55a868", "spd:last:6": "#c44e52", "spd:all": "#8172b2",
+              "megatron-overlap": "#ccb974"}
     tps = sorted({c["tp"] for c in all_cells})
     fig, axes = plt.subplots(len(tps), 3, figsize=(13, 3.6 * len(tps)), squeeze=False)
     for i, tp in enumerate(tps):

@@ -27,16 +27,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.debug import CommDebugMode as TorchCommDebugMode
+from torch.distributed.tensor.debug._comm_mode import _CommModeModuleTracker
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import partial_grads
 from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig, KVCache
+from dtensor_gpt.overlap import chunk_sizes
 from dtensor_gpt.parallelize import check_divisible, parallelize
 from dtensor_gpt.sampling import VocabParallelSampler, exchanged_bytes
-from plans import PLANS
+from plans import PLANS, megatron_overlap
 from plans.spd import parse_spd_blocks, spd_blocks_from_text
 
 _funcol = torch.ops._c10d_functional
@@ -58,6 +60,29 @@ class Collective:
     phase: str  # one of PHASES
     kind: str  # all_reduce, all_gather, reduce_scatter
     message_bytes: int  # the full tensor reduced or gathered
+
+
+class _ModuleTracker(_CommModeModuleTracker):
+    """
+    CommDebugMode's module tracker for a module that runs more than once in one forward (a
+    megatron-overlap block runs its attention and MLP once per chunk): torch 2.13's adds one
+    more forward hook at every call, keeps them all, and each pops the module stack, which then
+    runs dry. Here a call first removes the hook its module's last call added.
+    """
+
+    def _fw_pre_hook(self, mod, input):
+        stale = self.register_forward_hook_handles.pop(self._get_mod_name(mod), None)
+        if stale is not None:
+            stale.remove()
+        super()._fw_pre_hook(mod, input)
+
+
+class CommDebugMode(TorchCommDebugMode):
+    """torch's CommDebugMode, counting per module also when a module runs several times in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.advanced_module_tracker = _ModuleTracker()
 
 
 class _Recorder(CommDebugMode):
@@ -122,11 +147,12 @@ def part_of_model(module):
     return "model"
 
 
-def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_parallel=False):
+def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_parallel=False, chunks=1):
     """
     The fewest collectives each part of the model needs under `plan`: (phase, kind, bytes).
 
-    Megatron: 2 all-reduces of the (B, T, C) activations per block; sequence parallel: the
+    Megatron: 2 all-reduces of the (B, T, C) activations per block (megatron-overlap: 2 per
+    chunk of `chunks`, each of its chunk's rows, or positions of one row); sequence parallel: the
     same bytes as 2 all-gathers + 2 reduce-scatters; a dropped sync point: 1 all-reduce (and
     in backward one all-reduce of the 3C replicated-parameter gradients its rank-local MLP
     input feeds: ln_2's weight and bias and attn.c_proj's bias). Generation gathers only the
@@ -149,6 +175,9 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_
             bwd = [("all_reduce", act)] * 2 + [("all_reduce", 3 * config.n_embd * s)]
         elif sp:
             fwd = bwd = [("all_gather", act), ("reduce_scatter", act)] * 2
+        elif plan == "megatron-overlap":
+            n = batch if batch > 1 else seq
+            fwd = bwd = [("all_reduce", act // n * size) for size in chunk_sizes(n, chunks)] * 2
         else:
             fwd = bwd = [("all_reduce", act)] * 2
         need[f"block {i}"] = [("forward",) + c for c in fwd] + ([("backward",) + c for c in bwd] if backward else [])
@@ -224,6 +253,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         raise ValueError("optimizer_step follows a backward: pass backward=True with it")
     check_divisible(config, tp)
     dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
+    chunks = plan_options.get("chunks", megatron_overlap.CHUNKS) if plan == "megatron-overlap" else 1
 
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -256,7 +286,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
         for c, n in sorted(rows.items(), key=lambda row: (PHASES.index(row[0].phase), row[0].module == "", order[row[0].module]))
     ]
-    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, vocab_parallel)
+    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, vocab_parallel, chunks)
     measured = {}
     for c in collectives:
         measured.setdefault(part_of_model(c.module), []).append((c.phase, c.kind, c.message_bytes))
@@ -275,7 +305,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
         sampler=sampler if decode or prefill else None, top_k=top_k if vocab_parallel else None,
         optimizer_step=optimizer_step, prefill=prefill,
-        spd_blocks=dropped, collectives=per_module,
+        spd_blocks=dropped, chunks=chunks, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
         block_wire_bytes_per_token=block_wire / tokens / config.n_layer,
@@ -294,7 +324,8 @@ def format_report(report):
                     ", forward + backward" if report["backward"] else
                     f", one generated token (KV cache, {sampled(report)})" if report["decode"] else
                     f", a prompt and its first token ({sampled(report)})" if report.get("prefill") else ", forward")
-                 + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
+                 + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else "")
+                 + (f", blocks in {report['chunks']} chunks" if report["plan"] == "megatron-overlap" else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
     sampling = report["decode"] or (report.get("prefill") and report["sampler"] == "vocab-parallel")
     model = "(model: loss)" if report["backward"] else "(model: sampling)" if sampling else "(model: last position)"
@@ -401,6 +432,8 @@ def main(argv=None):
                         help="with --decode: how the next token is chosen, as examples/generate.py's --sampler")
     parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
+    parser.add_argument("--chunks", type=integer(1), default=megatron_overlap.CHUNKS,
+                        help="for --plan megatron-overlap: the chunks each block's work is split into (default: %(default)s)")
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
                                       "theoretical minimum, into this PNG file (default: no chart)")
     args = parser.parse_args(argv)
@@ -419,7 +452,8 @@ def main(argv=None):
                       top_k=args.top_k or None, sampler=args.sampler, optimizer_step=args.optimizer_step)
         reports = []
         for plan in dict.fromkeys(args.plan):
-            options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}
+            options = {"spd": dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)),
+                       "megatron-overlap": dict(chunks=args.chunks)}.get(plan, {})
             reports.append(comm_report(plan, **common, **options))
         print("\n\n".join(format_report(r) for r in reports))
         if args.png:

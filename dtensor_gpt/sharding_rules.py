@@ -13,7 +13,8 @@ torch upgrade that changes them fails loudly instead of silently gathering activ
   ops here when, and only when, the layout makes them exact.
 - CPU SDPA: `_scaled_dot_product_flash_attention_for_cpu` and its backward have no rule;
   attention is independent per head, so everything sharded on the head dim is exact. A
-  mask shared by all heads (the static KV cache's) is replicated.
+  mask shared by all heads (the static KV cache's, or megatron-overlap's causal mask of a
+  sequence chunk, forward and backward) is replicated.
 - The static KV cache's plain tensors: its write positions (`index_copy_`) and its mask
   (CPU SDPA) are plain tensors computed alike on every rank, so they count as replicated
   (a rule for those two ops, which torch.compile traces, unlike `implicit_replication()`).
@@ -306,6 +307,7 @@ def register():
     handlers[aten.bernoulli_.float] = _sharded_bernoulli_
     handlers[aten.index_copy_.default] = _plain_as_replicated
     handlers[aten._scaled_dot_product_flash_attention_for_cpu.default] = _plain_as_replicated
+    handlers[aten._scaled_dot_product_flash_attention_for_cpu_backward.default] = _plain_as_replicated
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)(_sdpa_on_heads)
     register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)(
         _sdpa_backward_on_heads

@@ -9,11 +9,12 @@ over `mesh`; `dtensor_gpt.parallelize` also accepts a user's own dict.
 
 import inspect
 
-from plans import megatron, megatron_sp, spd
+from plans import megatron, megatron_overlap, megatron_sp, spd
 
 PLANS = {
     "megatron": megatron.plan,
     "megatron-sp": megatron_sp.plan,
+    "megatron-overlap": megatron_overlap.plan,
     "spd": spd.plan,
 }
 

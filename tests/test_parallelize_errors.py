@@ -68,10 +68,11 @@ def test_torch_2_13_and_newer_pass_the_version_check(version):
 @pytest.mark.parametrize(
     "plan, options, message",
     [
-        ("megatorn", {}, r"unknown plan 'megatorn'; known plans: megatron, megatron-sp, spd"),
+        ("megatorn", {}, r"unknown plan 'megatorn'; known plans: megatron, megatron-overlap, megatron-sp, spd"),
         ("megatron", dict(spd_blocks=[0]), r"plan 'megatron' has no option 'spd_blocks'; its options are: loss_parallel"),
         ("spd", dict(spd_blocks=[0, 2]), r"spd_blocks \[2\] out of range for n_layer=2; use indices 0..1"),
         ("spd", dict(spd_blocks="auto:1"), r"spd_blocks='auto:1' ranks blocks on data: pass calibration="),
+        ("megatron-overlap", dict(chunks=0), r"chunks=0 must be a whole number >= 1"),
         ({"lm_head": "colwise"}, {}, r"plan entry 'lm_head' maps to str, not a ParallelStyle"),
         ({}, dict(loss_parallel=True), r"options \['loss_parallel'\] only apply to a named plan"),
         ({"transformer.wte": PackedColwiseParallel()}, {}, r"PackedColwiseParallel shards Linear modules, but transformer.wte is a Embedding"),
@@ -128,4 +129,4 @@ def test_any_module_imports_first(first):
     code = f"import {first}; import dtensor_gpt, plans; print(sorted(plans.PLANS))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['megatron', 'megatron-sp', 'spd']"
+    assert done.stdout.strip() == "['megatron', 'megatron-overlap', 'megatron-sp', 'spd']"
