@@ -44,7 +44,7 @@ def run_distributed(fn, world_size, *args, timeout=None):
         result_file = os.path.join(tmp, "result.pkl")
         mp.start_processes(
             _worker, args=(world_size, init_file, result_file, fn, args, timeout),
-            nprocs=world_size, join=True, start_method="spawn",
+            nprocs=world_size, join=True, start_method="fork",
         )
         with open(result_file, "rb") as f:
             return pickle.load(f)

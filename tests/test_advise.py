@@ -1,13 +1,12 @@
 """The plan adviser (dtensor_gpt.advise): its output, its ranking against hand sums, its refusals, the measured cells replayed."""
 
-import inspect
 import json
 import os
 from collections import Counter
 
 import pytest
 
-from dtensor_gpt import advise
+from dtensor_gpt import advise, cost
 from dtensor_gpt.advise import Option, Setting, candidates, main, predict_option, rank, validate
 from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.cost import H100_BF16_FLOPS, MFU, NCCL_BASE_LATENCY
@@ -72,18 +71,26 @@ def test_overlap_and_compression_by_hand():
 
 def test_options_unregistered_here_are_left_out(monkeypatch):
     config = config_by_name("tiny")
+
+    def plain(model, mesh, *, loss_parallel=False):
+        """a plan without options"""
+
+    def spd(model, mesh, *, spd_blocks="all", loss_parallel=False):
+        """spd without compress="""
+
+    # the registry as it was before megatron-overlap and compress=, whatever this checkout registers
+    monkeypatch.delitem(advise.PLANS, "megatron-overlap", raising=False)
+    for name, plan in (("megatron", plain), ("megatron-sp", plain), ("spd", spd)):
+        monkeypatch.setitem(advise.PLANS, name, plan)
     assert [o.label for o in candidates(config, ["spd:auto:1"])] == ["megatron", "megatron-sp", "spd:last:1", "spd:all",
                                                                     "spd:auto:1"]
 
     def overlap(model, mesh, *, chunks=2, loss_parallel=False):
         """megatron-overlap, as another branch registers it"""
 
-    megatron = advise.PLANS["megatron"]
-
     def compressing(model, mesh, *, compress=None, loss_parallel=False):
         """megatron with compress="""
 
-    assert "compress" not in inspect.signature(megatron).parameters
     monkeypatch.setitem(advise.PLANS, "megatron-overlap", overlap)
     monkeypatch.setitem(advise.PLANS, "megatron", compressing)
     labels = [o.label for o in candidates(config)]
@@ -101,8 +108,10 @@ def test_cli_ranks_every_option_with_its_collectives(capsys):
     assert lines[3].startswith("calibration: model: nanoGPT's CPU shakespeare_char")
     assert lines[4].split() == ["rank", "option", "time", "compute", "comm", "exactness", "collectives"]
     rows = {line.split()[1]: line for line in lines[5:-1]}
-    # spd:auto:3, calibrated on 4 blocks, is left out: tiny has 2
-    assert sorted(rows) == sorted(["megatron", "megatron-sp", "spd:last:1", "spd:all", "spd:auto:1", "spd:auto:2"])
+    # spd:auto:3, calibrated on 4 blocks, is left out: tiny has 2; overlap and compression rows as registered
+    rest = {o.label for o in candidates(config_by_name("tiny")) if o.chunks > 1 or o.compress}
+    assert sorted(rows) == sorted(["megatron", "megatron-sp", "spd:last:1", "spd:all", "spd:auto:1", "spd:auto:2", *rest])
+    assert all(" exact " in rows[label] for label in rest if "+" not in label)
     assert "exact" in rows["megatron"] and "approximate, loss +0.0084" in rows["spd:auto:1"]
     assert "approximate, not calibrated" in rows["spd:last:1"]
     # megatron: 4 block all-reduces of 16 x 96 x 4 B, the embedding's, and the first token's all-gather
@@ -161,7 +170,9 @@ def test_a_plan_refusing_the_workload_is_left_out_with_its_reason(monkeypatch):
         raise ValueError(f"cannot split this step into {chunks} chunks")
 
     monkeypatch.setitem(advise.PLANS, "megatron-overlap", overlap)
-    advice = advise.advise("tiny", 2, "nvlink4", "prefill", seq=16)  # the CLI test's counts, if this process made them
+    for module, cache in ((cost, "_reports"), (advise, "_parts")):  # counts made earlier here are of the registered plan
+        monkeypatch.setattr(module, cache, {})
+    advice = advise.advise("tiny", 2, "nvlink4", "prefill", seq=16)
     assert advice["left_out"] == {"megatron-overlap:2": "cannot split this step into 2 chunks",
                                   "megatron-overlap:4": "cannot split this step into 4 chunks"}
     assert [r["option"] for r in advice["rows"]][-1] == "megatron-sp" and advice["use"] == "megatron"
