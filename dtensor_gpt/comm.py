@@ -10,7 +10,9 @@ It runs in one process over torch's fake process group, which plays all TP ranks
 collectives DTensor issues, and their sizes, are exactly those of a real job; their
 results are not computed, so nothing here checks numbers. Wire bytes are per rank for
 ring algorithms: all-reduce moves 2(N-1)/N of the message, all-gather and reduce-scatter
-(N-1)/N of the full (gathered) tensor.
+(N-1)/N of the full (gathered) tensor, all-to-all (N-1)/N of what each rank sends.
+`--compress bf16|int8` shows the blocks' sums sent compressed (`dtensor_gpt.compress`): an
+all-to-all and an all-gather of bytes in place of each all-reduce.
 """
 
 import contextlib
@@ -32,6 +34,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import partial_grads
 from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
+from dtensor_gpt.compress import MODES, check_compress, payload_bytes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig, KVCache
 from dtensor_gpt.parallelize import check_divisible, parallelize
@@ -44,11 +47,12 @@ KINDS = {
     _funcol.all_reduce: "all_reduce",
     _funcol.all_gather_into_tensor: "all_gather",
     _funcol.reduce_scatter_tensor: "reduce_scatter",
+    _funcol.all_to_all_single: "all_to_all",
 }
 TOP_K = 200  # examples/generate.py's and nanoGPT's sample.py's default
 SAMPLERS = ("vocab-parallel", "multinomial")  # examples/generate.py's --sampler
 WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-                 "reduce_scatter": lambda n: (n - 1) / n}
+                 "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n}
 PHASES = ("forward", "backward", "optimizer")  # the order a training step issues them in
 
 
@@ -56,8 +60,8 @@ PHASES = ("forward", "backward", "optimizer")  # the order a training step issue
 class Collective:
     module: str  # innermost module running when it was issued ("" for the model itself)
     phase: str  # one of PHASES
-    kind: str  # all_reduce, all_gather, reduce_scatter
-    message_bytes: int  # the full tensor reduced or gathered
+    kind: str  # all_reduce, all_gather, reduce_scatter, all_to_all
+    message_bytes: int  # the full tensor reduced or gathered, or what each rank sends in an all-to-all
 
 
 class _Recorder(CommDebugMode):
@@ -122,7 +126,7 @@ def part_of_model(module):
     return "model"
 
 
-def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_parallel=False):
+def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_parallel=False, compress=None):
     """
     The fewest collectives each part of the model needs under `plan`: (phase, kind, bytes).
 
@@ -137,20 +141,24 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_
     (dtensor_gpt.partial_grads). With `vocab_parallel` sampling
     (dtensor_gpt.sampling) a generated token needs no logits at all: each rank's `top_k` best
     candidates and its winner among its ties with its k-th are gathered, or its one winner of
-    the full softmax.
+    the full softmax. With `compress`, a block's forward sum is an all-to-all and an all-gather
+    of the compressed activations (dtensor_gpt.compress).
     """
     s = 4  # fp32
     act = batch * seq * config.n_embd * s
     sp = plan == "megatron-sp"
     need = {}
+    summed = [("all_reduce", act)]
+    if compress is not None:
+        summed = [(kind, payload_bytes(act // s, tp, compress)) for kind in ("all_to_all", "all_gather")]
     for i in range(config.n_layer):
         if i in dropped:
-            fwd = [("all_reduce", act)]
+            fwd = summed
             bwd = [("all_reduce", act)] * 2 + [("all_reduce", 3 * config.n_embd * s)]
         elif sp:
             fwd = bwd = [("all_gather", act), ("reduce_scatter", act)] * 2
         else:
-            fwd = bwd = [("all_reduce", act)] * 2
+            fwd, bwd = summed * 2, [("all_reduce", act)] * 2
         need[f"block {i}"] = [("forward",) + c for c in fwd] + ([("backward",) + c for c in bwd] if backward else [])
     need["embedding"] = [("forward", "reduce_scatter" if sp else "all_reduce", act)]
     if backward:
@@ -223,6 +231,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     if optimizer_step and not backward:
         raise ValueError("optimizer_step follows a backward: pass backward=True with it")
     check_divisible(config, tp)
+    check_compress(plan_options.get("compress"))
     dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
 
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -256,7 +265,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
         for c, n in sorted(rows.items(), key=lambda row: (PHASES.index(row[0].phase), row[0].module == "", order[row[0].module]))
     ]
-    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, vocab_parallel)
+    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, vocab_parallel,
+                     plan_options.get("compress"))
     measured = {}
     for c in collectives:
         measured.setdefault(part_of_model(c.module), []).append((c.phase, c.kind, c.message_bytes))
@@ -274,7 +284,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
         sampler=sampler if decode or prefill else None, top_k=top_k if vocab_parallel else None,
-        optimizer_step=optimizer_step, prefill=prefill,
+        optimizer_step=optimizer_step, prefill=prefill, compress=plan_options.get("compress"),
         spd_blocks=dropped, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -294,7 +304,8 @@ def format_report(report):
                     ", forward + backward" if report["backward"] else
                     f", one generated token (KV cache, {sampled(report)})" if report["decode"] else
                     f", a prompt and its first token ({sampled(report)})" if report.get("prefill") else ", forward")
-                 + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else ""))
+                 + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else "")
+                 + (f", blocks' sums sent as {report['compress']}" if report["compress"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
     sampling = report["decode"] or (report.get("prefill") and report["sampler"] == "vocab-parallel")
     model = "(model: loss)" if report["backward"] else "(model: sampling)" if sampling else "(model: last position)"
@@ -401,6 +412,8 @@ def main(argv=None):
                         help="with --decode: how the next token is chosen, as examples/generate.py's --sampler")
     parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
+    parser.add_argument("--compress", choices=MODES,
+                        help="send the blocks' row-parallel sums as bf16 or int8 (megatron, spd; default: float32)")
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
                                       "theoretical minimum, into this PNG file (default: no chart)")
     args = parser.parse_args(argv)
@@ -420,6 +433,8 @@ def main(argv=None):
         reports = []
         for plan in dict.fromkeys(args.plan):
             options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}
+            if args.compress:
+                options["compress"] = args.compress
             reports.append(comm_report(plan, **common, **options))
         print("\n\n".join(format_report(r) for r in reports))
         if args.png:

@@ -18,6 +18,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
+from dtensor_gpt.compress import check_compress
 from dtensor_gpt.styles import PackedColwiseParallel, PrepareAttentionInput
 
 
@@ -26,8 +27,12 @@ def gather_sequence(style=PrepareModuleInput):
     return style(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False)
 
 
-def plan(model, mesh, *, loss_parallel=False):
+def plan(model, mesh, *, loss_parallel=False, compress=None):
     """`loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`."""
+    check_compress(compress)
+    if compress is not None:
+        raise ValueError(f"plan 'megatron-sp' reduce-scatters its row-parallel outputs, which compress={compress!r} "
+                         f"does not cover; use plan 'megatron' or 'spd' with compress")
     return {
         # 1. vocab-parallel embedding, reduce-scattered straight onto sequence shards
         "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
