@@ -33,14 +33,14 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import partial_grads
-from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
-from dtensor_gpt.compress import MODES, check_compress, payload_bytes
+from dtensor_gpt.cli import ArgumentParser, add_compress_argument, integer, plan_options, quiet_dtensor_notes
+from dtensor_gpt.compress import check_compress, payload_bytes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig, KVCache
 from dtensor_gpt.parallelize import check_divisible, parallelize
 from dtensor_gpt.sampling import VocabParallelSampler, exchanged_bytes
 from plans import PLANS
-from plans.spd import parse_spd_blocks, spd_blocks_from_text
+from plans.spd import parse_spd_blocks
 
 _funcol = torch.ops._c10d_functional
 KINDS = {
@@ -412,8 +412,7 @@ def main(argv=None):
                         help="with --decode: how the next token is chosen, as examples/generate.py's --sampler")
     parser.add_argument("--optimizer-step", action="store_true", help="with --backward: also an AdamW step (a whole training step)")
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
-    parser.add_argument("--compress", choices=MODES,
-                        help="send the blocks' row-parallel sums as bf16 or int8 (megatron, spd; default: float32)")
+    add_compress_argument(parser)
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
                                       "theoretical minimum, into this PNG file (default: no chart)")
     args = parser.parse_args(argv)
@@ -432,10 +431,7 @@ def main(argv=None):
                       top_k=args.top_k or None, sampler=args.sampler, optimizer_step=args.optimizer_step)
         reports = []
         for plan in dict.fromkeys(args.plan):
-            options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if plan == "spd" else {}
-            if args.compress:
-                options["compress"] = args.compress
-            reports.append(comm_report(plan, **common, **options))
+            reports.append(comm_report(plan, **common, **plan_options(plan, args.spd_blocks, args.compress)))
         print("\n\n".join(format_report(r) for r in reports))
         if args.png:
             plot_plans(reports, args.png)
