@@ -24,7 +24,7 @@ and the unlimited link's own communication) plus, for every collective the cell 
     t(kind, bytes, R) = alpha[kind, R] + wire(kind, bytes, N) / beta[kind, R]
 
 wire is what each rank sends in a ring: bytes x 2(N-1)/N for an all-reduce, x (N-1)/N for an
-all-gather or reduce-scatter of N ranks; alpha and beta are least-squares fits (relative error)
+all-gather or reduce-scatter of N ranks, or an all-to-all (compressed sums, "megatron+int8"); alpha and beta are least-squares fits (relative error)
 to the microbenchmark of the same job, on the same links.
 """
 
@@ -46,7 +46,7 @@ JOB = os.path.join(HERE, "cluster_job.py")
 
 RATES = ["unlimited", "1gbit", "300mbit", "100mbit"]
 SIZES = [2048, 8192, 32768, 131072, 524288, 2097152]
-PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all"]
+PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all", "megatron+bf16", "megatron+int8"]  # +: compress=
 MEASURES = ["decode", "prefill", "train"]
 WORKLOAD = dict(config="gpt2", context=512, new=8, train_batch=1, train_seq=512, repeats=3)
 # examples/train.py's own model (nanoGPT's CPU shakespeare_char) with its batch (12 rows of 64 characters, 6
@@ -61,7 +61,7 @@ PLACEMENT = [
          job=["--config", "gpt2", "--train-batch", "1", "--train-seq", "512"]),
 ]
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-        "reduce_scatter": lambda n: (n - 1) / n}
+        "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n}
 
 
 # ---------------------------------------------------------------------------- the cost model
@@ -139,7 +139,7 @@ _reports = {}  # comm_report's counts by arguments, within one run
 
 def plan_collectives(spec, tp, config, **options):
     """
-    Counter {(kind, message bytes): count} of what `spec` ('megatron', 'spd:last:6', ...)
+    Counter {(kind, message bytes): count} of what `spec` ('megatron', 'spd:last:6', 'megatron+int8', ...)
     issues at degree tp, from dtensor_gpt.comm's reports of the same config with 1 and 2
     blocks: every block of a plan issues the same collectives, so a model's are those of its
     embedding and head plus n_layer blocks' (SPD's dropped blocks counted from a 1-block
@@ -160,6 +160,8 @@ def plan_collectives(spec, tp, config, **options):
                                                             if _closes_backward(c)]
         return _reports[key]
 
+    spec, _, compress = spec.partition("+")
+    options = {**options, **(dict(compress=compress) if compress else {})}
     plan, _, blocks = spec.partition(":")
     n_layer = config.n_layer
     dropped = len(parse_spd_blocks(blocks or "all", n_layer)) if plan == "spd" else 0
