@@ -75,13 +75,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="tinyshakespeare.txt")
     parser.add_argument("--large", default=LARGE, help="the larger model; trained there first if missing")
+    parser.add_argument("--models", default="shipped,large", help="which of the two models to measure")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--windows", type=int, default=256, help="validation windows (0: all)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=100)
     args = parser.parse_args()
     print(machine_line(), flush=True)
-    if not os.path.exists(args.large):
+    models = {"shipped": ("shipped, 0.8M", SHIPPED), "large": ("6x192, 2.7M", args.large)}
+    models = [models[m] for m in args.models.split(",")]
+    if "large" in args.models and not os.path.exists(args.large):
         subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "train.py"), "--data", args.data,
                         *LARGE_FLAGS, "--out", args.large, "--always-save-checkpoint"], check=True)
     from dtensor_gpt.data import TextData
@@ -92,7 +95,7 @@ def main():
     print("| model | variant | val loss | minus exact | greedy rows equal all the way | median tokens before a "
           "difference | tokens equal at the same place |")
     print("|---|---|---|---|---|---|---|")
-    for name, path in (("shipped, 0.8M", SHIPPED), ("6x192, 2.7M", args.large)):
+    for name, path in models:
         with open(os.path.join(path, "index.json")) as f:
             index = json.load(f)
         data = TextData(args.data, CharTokenizer(index["extra"]["chars"]))

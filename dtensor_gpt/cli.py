@@ -84,8 +84,8 @@ def add_compress_argument(parser):
     from dtensor_gpt.compress import MODES
 
     parser.add_argument("--compress", choices=MODES,
-                        help="send the blocks' row-parallel sums as bf16 or int8, summed in float32 "
-                             "(plans megatron and spd; default: float32)")
+                        help="send the blocks' row-parallel sums as bf16 or int8, summed in float32, with plans "
+                             "megatron and spd (default: float32 all-reduces)")
 
 
 def plan_options(plan, spd_blocks, compress):
