@@ -5,8 +5,8 @@ The measured job of benchmarks/comm_cost.py: run by torchrun on every emulated n
     torchrun ... benchmarks/cluster_job.py --out R.json --rates unlimited,100mbit --plans megatron,spd:last:6
     torchrun ... benchmarks/cluster_job.py --out R.json --rates unlimited,100mbit --placement
 
---collectives times torch.distributed's all_reduce, all_gather_into_tensor and
-reduce_scatter_tensor (the ops DTensor's and FSDP2's collectives reach in gloo) at each message
+--collectives times torch.distributed's all_reduce, all_gather_into_tensor,
+reduce_scatter_tensor and all_to_all_single (the ops DTensor's and FSDP2's collectives reach in gloo) at each message
 size, over the whole world or, with --groups cross/inside, over every group of ranks that
 share a local rank / a node, all groups at once (as a 2-D mesh runs them); with --idle S, one
 collective per trial after S seconds of idle link instead of back to back. --plans builds the
@@ -51,7 +51,7 @@ from dtensor_gpt.model import KVCache
 from dtensor_gpt.sampling import VocabParallelSampler
 from machine import describe
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
 def parse_args(argv=None):
@@ -95,7 +95,8 @@ def slowest(times):
     return t.tolist()
 
 
-_FUNCOL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}
+_FUNCOL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+           "all_to_all_single": "all_to_all"}
 
 
 def _collective(func, args):
@@ -196,7 +197,8 @@ def time_collectives(sizes, groups_kind, rates, repeats, idle=0.0):
                 part = torch.ones(size // 4 // g)
                 op = {"all_reduce": lambda: dist.all_reduce(full, group=mine),
                       "all_gather": lambda: dist.all_gather_into_tensor(full, part, group=mine),
-                      "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full, group=mine)}[kind]
+                      "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full, group=mine),
+                      "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(full), full, group=mine)}[kind]
                 back_to_back = 1 if idle else max(1, min(20, 2 ** 21 // size))
                 op()
                 dist.barrier()
@@ -213,9 +215,11 @@ def time_collectives(sizes, groups_kind, rates, repeats, idle=0.0):
 
 
 def parse_plan(spec):
-    """'spd:last:6' -> ('spd', {'spd_blocks': 'last:6'})."""
+    """'spd:last:6' -> ('spd', {'spd_blocks': 'last:6'}); 'megatron+int8' -> ('megatron', {'compress': 'int8'})."""
+    spec, _, compress = spec.partition("+")
     plan, _, blocks = spec.partition(":")
-    return plan, (dict(spd_blocks=blocks or "all") if plan == "spd" else {})
+    options = dict(spd_blocks=blocks or "all") if plan == "spd" else {}
+    return plan, {**options, **(dict(compress=compress) if compress else {})}
 
 
 def build(config, spec, mesh):

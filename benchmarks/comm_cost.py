@@ -25,7 +25,7 @@ from dtensor_gpt.comm), its time at R minus its time unlimited:
     t(kind, bytes, R) = alpha[kind, R] + wire(kind, bytes, N) / beta[kind, R]
 
 wire is what each rank sends in a ring: bytes x 2(N-1)/N for an all-reduce, x (N-1)/N for an
-all-gather or reduce-scatter of N ranks; alpha and beta are least-squares fits (relative error)
+all-gather or reduce-scatter of N ranks, or an all-to-all (compressed sums, "megatron+int8"); alpha and beta are least-squares fits (relative error)
 to the microbenchmark of the same job, on the same links.
 """
 
@@ -44,7 +44,7 @@ JOB = os.path.join(HERE, "cluster_job.py")
 
 RATES = ["unlimited", "1gbit", "300mbit", "100mbit"]
 SIZES = [2048, 8192, 32768, 131072, 524288, 2097152]
-PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all", "megatron-overlap"]
+PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all", "megatron-overlap", "megatron+bf16", "megatron+int8"]  # +: compress=
 MEASURES = ["decode", "prefill", "train"]
 WORKLOAD = dict(config="gpt2", context=512, new=8, train_batch=1, train_seq=512, repeats=3)
 # examples/train.py's own model (nanoGPT's CPU shakespeare_char) with its batch (12 rows of 64 characters, 6

@@ -188,7 +188,7 @@ def plot(all_cells, path):
     rates = fastest_first({c["rate"] for c in all_cells})
     x_of = {r: parse_rate(r) or 4 * max(parse_rate(q) or 0 for q in rates) for r in rates}
     colors = {"megatron": "#4c72b0", "megatron-sp": "#55a868", "spd:last:6": "#c44e52", "spd:all": "#8172b2",
-              "megatron-overlap": "#ccb974"}
+              "megatron-overlap": "#ccb974", "megatron+bf16": "#937860", "megatron+int8": "#64b5cd"}
     tps = sorted({c["tp"] for c in all_cells})
     fig, axes = plt.subplots(len(tps), 3, figsize=(13, 3.6 * len(tps)), squeeze=False)
     for i, tp in enumerate(tps):

@@ -80,6 +80,23 @@ def number(above=None, at_least=None, below=None):
     return check
 
 
+def add_compress_argument(parser):
+    from dtensor_gpt.compress import MODES
+
+    parser.add_argument("--compress", choices=MODES,
+                        help="send the blocks' row-parallel sums as bf16 or int8, summed in float32, with plans "
+                             "megatron and spd (default: float32 all-reduces)")
+
+
+def plan_options(plan, spd_blocks, compress, chunks=None):
+    """The named plan's options from --spd-blocks, --compress and --chunks."""
+    from plans.spd import spd_blocks_from_text
+
+    options = dict(spd_blocks=spd_blocks_from_text(spd_blocks)) if plan == "spd" else {}
+    options.update(dict(chunks=chunks) if plan == "megatron-overlap" and chunks else {})
+    return {**options, "compress": compress} if compress else options
+
+
 def _not_alltoall_fallback(record):
     return "does not support alltoall" not in record.getMessage()
 

@@ -10,7 +10,9 @@ It runs in one process over torch's fake process group, which plays all TP ranks
 collectives DTensor issues, and their sizes, are exactly those of a real job; their
 results are not computed, so nothing here checks numbers. Wire bytes are per rank for
 ring algorithms: all-reduce moves 2(N-1)/N of the message, all-gather and reduce-scatter
-(N-1)/N of the full (gathered) tensor.
+(N-1)/N of the full (gathered) tensor, all-to-all (N-1)/N of what each rank sends.
+`--compress bf16|int8` shows the blocks' sums sent compressed (`dtensor_gpt.compress`): an
+all-to-all and an all-gather of bytes in place of each all-reduce.
 """
 
 import contextlib
@@ -32,25 +34,27 @@ from torch.distributed.tensor.debug._comm_mode import _CommModeModuleTracker
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import partial_grads
-from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
+from dtensor_gpt.cli import ArgumentParser, add_compress_argument, integer, plan_options, quiet_dtensor_notes
+from dtensor_gpt.compress import check_compress, payload_bytes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.model import GPT, GPTConfig, KVCache
 from dtensor_gpt.overlap import chunk_sizes
 from dtensor_gpt.parallelize import check_divisible, parallelize
 from dtensor_gpt.sampling import VocabParallelSampler, exchanged_bytes
 from plans import PLANS, megatron_overlap
-from plans.spd import parse_spd_blocks, spd_blocks_from_text
+from plans.spd import parse_spd_blocks
 
 _funcol = torch.ops._c10d_functional
 KINDS = {
     _funcol.all_reduce: "all_reduce",
     _funcol.all_gather_into_tensor: "all_gather",
     _funcol.reduce_scatter_tensor: "reduce_scatter",
+    _funcol.all_to_all_single: "all_to_all",
 }
 TOP_K = 200  # examples/generate.py's and nanoGPT's sample.py's default
 SAMPLERS = ("vocab-parallel", "multinomial")  # examples/generate.py's --sampler
 WIRE_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-                 "reduce_scatter": lambda n: (n - 1) / n}
+                 "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n}
 PHASES = ("forward", "backward", "optimizer")  # the order a training step issues them in
 
 
@@ -58,8 +62,8 @@ PHASES = ("forward", "backward", "optimizer")  # the order a training step issue
 class Collective:
     module: str  # innermost module running when it was issued ("" for the model itself)
     phase: str  # one of PHASES
-    kind: str  # all_reduce, all_gather, reduce_scatter
-    message_bytes: int  # the full tensor reduced or gathered
+    kind: str  # all_reduce, all_gather, reduce_scatter, all_to_all
+    message_bytes: int  # the full tensor reduced or gathered, or what each rank sends in an all-to-all
 
 
 class _ModuleTracker(_CommModeModuleTracker):
@@ -147,7 +151,7 @@ def part_of_model(module):
     return "model"
 
 
-def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_parallel=False, chunks=1):
+def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_parallel=False, chunks=1, compress=None):
     """
     The fewest collectives each part of the model needs under `plan`: (phase, kind, bytes).
 
@@ -163,15 +167,19 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_
     (dtensor_gpt.partial_grads). With `vocab_parallel` sampling
     (dtensor_gpt.sampling) a generated token needs no logits at all: each rank's `top_k` best
     candidates and its winner among its ties with its k-th are gathered, or its one winner of
-    the full softmax.
+    the full softmax. With `compress`, a block's forward sum is an all-to-all and an all-gather
+    of the compressed activations (dtensor_gpt.compress).
     """
     s = 4  # fp32
     act = batch * seq * config.n_embd * s
     sp = plan == "megatron-sp"
     need = {}
+    summed = [("all_reduce", act)]
+    if compress is not None:
+        summed = [(kind, payload_bytes(act // s, tp, compress)) for kind in ("all_to_all", "all_gather")]
     for i in range(config.n_layer):
         if i in dropped:
-            fwd = [("all_reduce", act)]
+            fwd = summed
             bwd = [("all_reduce", act)] * 2 + [("all_reduce", 3 * config.n_embd * s)]
         elif sp:
             fwd = bwd = [("all_gather", act), ("reduce_scatter", act)] * 2
@@ -179,7 +187,7 @@ def minimum(plan, config, batch, seq, tp, backward, dropped, top_k=TOP_K, vocab_
             n = batch if batch > 1 else seq
             fwd = bwd = [("all_reduce", act // n * size) for size in chunk_sizes(n, chunks)] * 2
         else:
-            fwd = bwd = [("all_reduce", act)] * 2
+            fwd, bwd = summed * 2, [("all_reduce", act)] * 2
         need[f"block {i}"] = [("forward",) + c for c in fwd] + ([("backward",) + c for c in bwd] if backward else [])
     need["embedding"] = [("forward", "reduce_scatter" if sp else "all_reduce", act)]
     if backward:
@@ -252,6 +260,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     if optimizer_step and not backward:
         raise ValueError("optimizer_step follows a backward: pass backward=True with it")
     check_divisible(config, tp)
+    check_compress(plan_options.get("compress"))
     dropped = parse_spd_blocks(plan_options.get("spd_blocks", "all"), config.n_layer) if plan == "spd" else []
     chunks = plan_options.get("chunks", megatron_overlap.CHUNKS) if plan == "megatron-overlap" else 1
 
@@ -286,7 +295,8 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
         dict(asdict(c), count=n, wire_bytes=round(n * c.message_bytes * WIRE_FRACTION[c.kind](tp)))
         for c, n in sorted(rows.items(), key=lambda row: (PHASES.index(row[0].phase), row[0].module == "", order[row[0].module]))
     ]
-    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, vocab_parallel, chunks)
+    needed = minimum(plan, config, batch, 1 if decode else seq, tp, backward, dropped, top_k, vocab_parallel, chunks,
+                     plan_options.get("compress"))
     measured = {}
     for c in collectives:
         measured.setdefault(part_of_model(c.module), []).append((c.phase, c.kind, c.message_bytes))
@@ -304,7 +314,7 @@ def comm_report(plan="megatron", tp=2, config="tiny", batch=1, seq=None, backwar
     return dict(
         plan=plan, tp=tp, config=asdict(config), batch=batch, seq=seq, backward=backward, decode=decode,
         sampler=sampler if decode or prefill else None, top_k=top_k if vocab_parallel else None,
-        optimizer_step=optimizer_step, prefill=prefill,
+        optimizer_step=optimizer_step, prefill=prefill, compress=plan_options.get("compress"),
         spd_blocks=dropped, chunks=chunks, collectives=per_module,
         wire_bytes_per_token=sum(r["wire_bytes"] for r in per_module) / tokens,
         minimum_wire_bytes_per_token=sum(wire(cs) for cs in needed.values()) / tokens,
@@ -325,7 +335,8 @@ def format_report(report):
                     f", one generated token (KV cache, {sampled(report)})" if report["decode"] else
                     f", a prompt and its first token ({sampled(report)})" if report.get("prefill") else ", forward")
                  + (f", sync dropped in blocks {report['spd_blocks']}" if report["spd_blocks"] else "")
-                 + (f", blocks in {report['chunks']} chunks" if report["plan"] == "megatron-overlap" else ""))
+                 + (f", blocks in {report['chunks']} chunks" if report["plan"] == "megatron-overlap" else "")
+                 + (f", blocks' sums sent as {report['compress']}" if report["compress"] else ""))
     lines.append(f"{'module':34} {'phase':9} {'collective':15} {'count':>5} {'message bytes':>14} {'wire bytes/rank':>16}")
     sampling = report["decode"] or (report.get("prefill") and report["sampler"] == "vocab-parallel")
     model = "(model: loss)" if report["backward"] else "(model: sampling)" if sampling else "(model: last position)"
@@ -434,6 +445,7 @@ def main(argv=None):
     parser.add_argument("--spd-blocks", default="all", help="for --plan spd: indices '0,3,5', 'all' or 'last:K'")
     parser.add_argument("--chunks", type=integer(1), default=megatron_overlap.CHUNKS,
                         help="for --plan megatron-overlap: the chunks each block's work is split into (default: %(default)s)")
+    add_compress_argument(parser)
     parser.add_argument("--png", help="draw the plans' bytes per part of the model and in total, against their "
                                       "theoretical minimum, into this PNG file (default: no chart)")
     args = parser.parse_args(argv)
@@ -452,9 +464,7 @@ def main(argv=None):
                       top_k=args.top_k or None, sampler=args.sampler, optimizer_step=args.optimizer_step)
         reports = []
         for plan in dict.fromkeys(args.plan):
-            options = {"spd": dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)),
-                       "megatron-overlap": dict(chunks=args.chunks)}.get(plan, {})
-            reports.append(comm_report(plan, **common, **options))
+            reports.append(comm_report(plan, **common, **plan_options(plan, args.spd_blocks, args.compress, args.chunks)))
         print("\n\n".join(format_report(r) for r in reports))
         if args.png:
             plot_plans(reports, args.png)

@@ -257,18 +257,19 @@ def plan_parts(spec, tp, config, plan_options=None, **options):
             _reports[key] = counts, [(c["kind"], c["message_bytes"]) for c in r["collectives"] if _closes_backward(c)]
         return _reports[key]
 
+    spec, _, compress = spec.partition("+")  # 'megatron+int8': compress="int8"
     plan, _, blocks = spec.partition(":")
     n_layer = config.n_layer
     dropped = dropped_blocks(blocks or "all", n_layer) if plan == "spd" else 0
     kept_plan = "megatron" if plan == "spd" else plan
-    more = dict(plan_options or {})
+    more = {**(plan_options or {}), **(dict(compress=compress) if compress else {})}
     (one, closing_one), (two, closing_two) = report(kept_plan, 1, **more), report(kept_plan, 2, **more)
     block = two - one
     edges = one - block
     assert edges + block == one and one + block == two, "the blocks do not issue alike"
     blocks_total = _times(block, n_layer - dropped)
     if dropped:
-        drop_one, _ = report("spd", 1, spd_blocks="all")
+        drop_one, _ = report("spd", 1, spd_blocks="all", **({"compress": compress} if compress else {}))
         dropped_block = drop_one - edges
         assert edges + dropped_block == drop_one
         blocks_total += _times(dropped_block, dropped)

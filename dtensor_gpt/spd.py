@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from dtensor_gpt.compress import check_compress, compressed_sum
 from dtensor_gpt.styles import PackedColwiseParallel
 
 
@@ -61,9 +62,18 @@ class SyncPointDrop(ParallelStyle):
     Parameters are placed exactly as in the `megatron` plan (checkpoints are interchangeable);
     one forward does 1 all-reduce instead of 2.
 
+    Keyword Args:
+        compress (str, optional): send the one sum as "bf16" or "int8" (`dtensor_gpt.compress`).
+            Default: None, float32.
+
     Example::
         >>> parallelize_module(model, tp_mesh, {"transformer.h.11": SyncPointDrop()})
     """
+
+    def __init__(self, *, compress=None):
+        super().__init__()
+        check_compress(compress)
+        self.compress = compress
 
     def _apply(self, block, device_mesh):
         parallelize_module(block, device_mesh, {
@@ -106,6 +116,8 @@ class SyncPointDrop(ParallelStyle):
 
         def one_sync(module, args, output):
             x, p, m = state.pop("x"), state.pop("p"), state.pop("m")
+            if self.compress is not None:
+                return x + attn_bias() + compressed_sum(p + m, self.compress, device_mesh)
             return x + attn_bias() + sum_over_ranks(p + m, device_mesh)
 
         block.register_forward_pre_hook(keep_input)

@@ -22,11 +22,10 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from dtensor_gpt import GPT, GPTConfig, compile_decoding, load_checkpoint, parallelize
 from dtensor_gpt.checkpoint import CheckpointError
-from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
+from dtensor_gpt.cli import ArgumentParser, add_compress_argument, integer, number, plan_options, quiet_dtensor_notes
 from dtensor_gpt.launch import doing, exit_distributed, init_distributed, stalls_reported
 from dtensor_gpt.safetensors_stream import DTYPE_NAMES
 from plans import PLANS
-from plans.spd import spd_blocks_from_text
 from dtensor_gpt.model import KVCache
 from dtensor_gpt.sampling import VocabParallelSampler
 from dtensor_gpt.sources import activation_note, open_source
@@ -43,6 +42,7 @@ def parse_args(argv=None):
                         "ckpt.pt (default: the shipped model, examples/models/shakespeare_char)")
     p.add_argument("--plan", default="megatron", choices=list(PLANS), help="the tensor-parallel plan")
     p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
+    add_compress_argument(p)
     p.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=integer(1), default=300, help="tokens to generate")
     p.add_argument("--temperature", type=number(above=0), default=0.8,
@@ -89,8 +89,7 @@ def load_model(args, mesh):
     tokenizer = tokenizer_for(args, source, config["vocab_size"])
     with torch.device("meta"), contextlib.redirect_stdout(None):  # no memory until each rank reads its shards
         model = GPT(GPTConfig(**config))
-    options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
-    parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **options)
+    parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **plan_options(args.plan, args.spd_blocks, args.compress))
     with source:
         load_checkpoint(model, source, dtype=args.dtype)
     if args.compile:
@@ -211,7 +210,7 @@ def generate(args, mesh, device):
             rate = (f"compiling the decoding step {stamps[1] - stamps[0]:.2f}s (its first step), then "
                     f"{args.num_samples * (len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s")
         batch = f"{args.num_samples} samples x {args.max_new_tokens}" if args.num_samples > 1 else f"{tokens}"
-        weights = "" if args.dtype == "fp32" else f", {args.dtype}"
+        weights = ("" if args.dtype == "fp32" else f", {args.dtype}") + (f", sums sent as {args.compress}" if args.compress else "")
         print(f"\n--- {batch} tokens in {seconds:.2f}s: {rate} (checkpoint loaded in {loading:.2f}s); tp={mesh.size()}, plan {args.plan}{weights}, "
               f"{args.sampler} sampling, {mode}; collectives per generated token: {per_token}")
 

@@ -37,7 +37,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, GPTConfig, init_weights, load_checkpoint, parallelize, save_checkpoint
 from dtensor_gpt.checkpoint import optimizer_groups, params_by_id
-from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
+from dtensor_gpt.cli import ArgumentParser, add_compress_argument, integer, number, plan_options, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import clip_grad_norm_
 from dtensor_gpt.memory import available_bytes, training_step_bytes
@@ -48,7 +48,6 @@ from dtensor_gpt.launch import doing, exit_distributed, init_distributed, stalls
 from dtensor_gpt.faults import fault_point, planned
 from dtensor_gpt.publish import clean_stale_temporaries, release_lock, take_lock
 from plans import PLANS
-from plans.spd import spd_blocks_from_text
 
 
 NEW_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=True)  # nanoGPT's CPU shakespeare_char model
@@ -82,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--dp", type=integer(1), default=1,
                    help="data-parallel degree: a (dp, tp) mesh, FSDP2 over dp; tp is the rest of the world")
     p.add_argument("--spd-blocks", default="all", help="with --plan spd: 'all', 'last:K' or indices '0,2'")
+    add_compress_argument(p)
     architecture = "(default: %s; with --resume or --init-from: the checkpoint's)"
     p.add_argument("--n-layer", type=integer(1), help="transformer blocks " + architecture % NEW_MODEL["n_layer"])
     p.add_argument("--n-head", type=integer(1), help="attention heads " + architecture % NEW_MODEL["n_head"])
@@ -319,8 +319,7 @@ def build(args, config, mesh):
     """
     with torch.device("meta"), contextlib.redirect_stdout(sys.stdout if dist.get_rank() == 0 else None):  # its size, once
         model = GPT(config)
-    options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
-    parallelize(model, mesh, args.plan, loss_parallel=True, **options)
+    parallelize(model, mesh, args.plan, loss_parallel=True, **plan_options(args.plan, args.spd_blocks, args.compress))
     if mesh.ndim == 2:
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh["dp"])

@@ -11,11 +11,12 @@ for generation) or left sharded for `loss_parallel()` (training).
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from dtensor_gpt.compress import check_compress, row_parallel
 from dtensor_gpt.styles import PackedColwiseParallel, PrepareAttentionInput
 
 
-def block():
-    """Styles for one block, keyed by path inside the block."""
+def block(compress=None):
+    """Styles for one block, keyed by path inside the block; `compress` sends the two sums as bf16 or int8."""
     return {
         # x enters attention as a replicated DTensor so the model's shape arithmetic
         # (B, T, C = x.size()) sees global sizes (and, with dropout, the CPU math attention's
@@ -24,9 +25,9 @@ def block():
             input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
         ),
         "attn.c_attn": PackedColwiseParallel(),
-        "attn.c_proj": RowwiseParallel(),
+        "attn.c_proj": row_parallel(compress),
         "mlp.c_fc": ColwiseParallel(),
-        "mlp.c_proj": RowwiseParallel(),
+        "mlp.c_proj": row_parallel(compress),
     }
 
 
@@ -42,8 +43,13 @@ def embedding_and_head(loss_parallel):
     }
 
 
-def plan(model, mesh, *, loss_parallel=False):
-    """`loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`."""
+def plan(model, mesh, *, loss_parallel=False, compress=None):
+    """
+    `loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`;
+    `compress="bf16"` or `"int8"` sends the blocks' row-parallel sums compressed
+    (`dtensor_gpt.compress`); the embedding's all-reduce stays exact.
+    """
+    check_compress(compress)
     styles = embedding_and_head(loss_parallel)
-    styles.update({f"transformer.h.*.{path}": style for path, style in block().items()})
+    styles.update({f"transformer.h.*.{path}": style for path, style in block(compress).items()})
     return styles

@@ -27,7 +27,10 @@ def gather_sequence(style=PrepareModuleInput):
 
 
 def plan(model, mesh, *, loss_parallel=False):
-    """`loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`."""
+    """
+    `loss_parallel=True` keeps logits vocab-sharded DTensors for `loss_parallel()`. It takes no
+    `compress`: its row-parallel outputs are reduce-scattered, which dtensor_gpt.compress does not cover.
+    """
     return {
         # 1. vocab-parallel embedding, reduce-scattered straight onto sequence shards
         "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),

@@ -13,6 +13,7 @@ import re
 import torch
 
 from dtensor_gpt.apply_tp import apply_tp
+from dtensor_gpt.compress import check_compress
 from dtensor_gpt.spd import SyncPointDrop
 from plans import megatron
 
@@ -62,19 +63,23 @@ def block_sensitivity(model, mesh, calibration):
     return [loss_with(styles_dropping(model, [i], False)) - exact for i in range(model.config.n_layer)]
 
 
-def styles_dropping(model, dropped, loss_parallel):
-    """The megatron plan with `SyncPointDrop` on the blocks in `dropped`."""
+def styles_dropping(model, dropped, loss_parallel, compress=None):
+    """The megatron plan with `SyncPointDrop` on the blocks in `dropped`; `compress` for every block's sums."""
     styles = megatron.embedding_and_head(loss_parallel)
     for i in range(model.config.n_layer):
         if i in dropped:
-            styles[f"transformer.h.{i}"] = SyncPointDrop()
+            styles[f"transformer.h.{i}"] = SyncPointDrop(compress=compress)
         else:
-            styles.update({f"transformer.h.{i}.{path}": style for path, style in megatron.block().items()})
+            styles.update({f"transformer.h.{i}.{path}": style for path, style in megatron.block(compress).items()})
     return styles
 
 
-def plan(model, mesh, *, spd_blocks="all", calibration=None, loss_parallel=False):
-    """`calibration`: token ids (B, T + 1) to rank blocks by for spd_blocks="auto:K"."""
+def plan(model, mesh, *, spd_blocks="all", calibration=None, loss_parallel=False, compress=None):
+    """
+    `calibration`: token ids (B, T + 1) to rank blocks by for spd_blocks="auto:K"; `compress`:
+    the kept sums sent as bf16 or int8, as in the megatron plan.
+    """
+    check_compress(compress)
     config = model.config
     if config.dropout:
         raise ValueError(f"plan 'spd' needs dropout=0 (config.dropout={config.dropout}); the paper's formula has no dropout")
@@ -88,4 +93,4 @@ def plan(model, mesh, *, spd_blocks="all", calibration=None, loss_parallel=False
         dropped = sorted(sorted(range(config.n_layer), key=sensitivity.__getitem__)[: int(k)])
     else:
         dropped = parse_spd_blocks(spd_blocks, config.n_layer)
-    return styles_dropping(model, dropped, loss_parallel)
+    return styles_dropping(model, dropped, loss_parallel, compress)

@@ -32,7 +32,9 @@ def test_prediction_swaps_the_unlimited_links_communication_for_the_capped_ones(
 
 
 def _direct(spec, tp, config, **options):
+    spec, _, compress = spec.partition("+")
     plan, _, blocks = spec.partition(":")
+    options.update({"compress": compress} if compress else {})
     r = comm_report(plan, tp, config, **options, **({"spd_blocks": blocks} if blocks else {}))
     counts = Counter()
     for c in r["collectives"]:
@@ -41,7 +43,8 @@ def _direct(spec, tp, config, **options):
 
 
 @pytest.mark.parametrize("spec, n_layer, measure", [
-    ("megatron", 3, "decode"), ("megatron-sp", 3, "train"), ("spd:last:2", 4, "train"), ("spd:all", 3, "prefill")])
+    ("megatron", 3, "decode"), ("megatron-sp", 3, "train"), ("spd:last:2", 4, "train"), ("spd:all", 3, "prefill"),
+    ("spd:last:2+int8", 4, "prefill")])
 def test_collectives_from_one_and_two_blocks_equal_the_whole_models(spec, n_layer, measure):
     config = small_config(n_layer=n_layer)
     options = measure_options(measure, 8, batch=2)

@@ -69,7 +69,7 @@ def test_torch_2_13_and_newer_pass_the_version_check(version):
     "plan, options, message",
     [
         ("megatorn", {}, r"unknown plan 'megatorn'; known plans: megatron, megatron-overlap, megatron-sp, spd"),
-        ("megatron", dict(spd_blocks=[0]), r"plan 'megatron' has no option 'spd_blocks'; its options are: loss_parallel"),
+        ("megatron", dict(spd_blocks=[0]), r"plan 'megatron' has no option 'spd_blocks'; its options are: loss_parallel, compress"),
         ("spd", dict(spd_blocks=[0, 2]), r"spd_blocks \[2\] out of range for n_layer=2; use indices 0..1"),
         ("spd", dict(spd_blocks="auto:1"), r"spd_blocks='auto:1' ranks blocks on data: pass calibration="),
         ("megatron-overlap", dict(chunks=0), r"chunks=0 must be a whole number >= 1"),
