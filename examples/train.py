@@ -315,6 +315,21 @@ class DataParallel:
         return value.item() / self.size
 
 
+def train_step(model, optimizer, scaler, micro_batches, args, dp):
+    """One optimizer step on the mean gradient of `micro_batches` ([(x, y)]); their mean loss."""
+    losses = []
+    for x, y in micro_batches:
+        with loss_parallel():
+            with autocast(args, model):
+                _, loss = model(x, y)
+            scaler.scaled(loss / len(micro_batches)).backward()
+        losses.append(dp.mean(loss))
+    if scaler.unscale_and_clip_(model.parameters(), args.grad_clip):  # fp16: False after an overflow
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(losses) / len(micro_batches)
+
+
 def autocast(args, model):
     """nanoGPT's ctx: the forward and the loss in --dtype, from fp32 weights (on CPU too, where nanoGPT stays fp32)."""
     device = next(model.parameters()).device.type
@@ -459,18 +474,8 @@ def _train(args, mesh, say):
         # draws what the uninterrupted one did, TP ranks alike (their replicated activations
         # must drop the same elements) and data-parallel replicas apart (their rows differ)
         torch.manual_seed((args.seed << 40) ^ (it << 16) ^ dp.rank)
-        micro_losses = []
-        for _ in range(steps):
-            x, y = dp.rows(*data.batch("train", args.batch_size, args.block_size, batches))
-            with loss_parallel():
-                with autocast(args, model):
-                    _, loss = model(x, y)
-                scaler.scaled(loss / steps).backward()  # the step's gradient is the mean over its micro-batches
-            micro_losses.append(dp.mean(loss))
-        if scaler.unscale_and_clip_(model.parameters(), args.grad_clip):  # fp16: False after an overflow
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(sum(micro_losses) / steps)
+        micro_batches = [dp.rows(*data.batch("train", args.batch_size, args.block_size, batches)) for _ in range(steps)]
+        losses.append(train_step(model, optimizer, scaler, micro_batches, args, dp))
         if not math.isfinite(losses[-1]):  # every rank sees the same loss, so all stop here together
             raise Diverged(f"the training loss at iteration {it} is {losses[-1]}", args)
         if it % args.log_interval == 0:
