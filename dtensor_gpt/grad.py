@@ -1,4 +1,4 @@
-"""Gradient clipping for a model whose parameters mix plain tensors and DTensors."""
+"""Gradient clipping and fp16 loss scaling for a model whose parameters mix plain tensors and DTensors."""
 
 import math
 
@@ -34,10 +34,11 @@ class LossScaler:
     """
     fp16's dynamic loss scaling, torch.amp.GradScaler's rule (start at 2**16, halve and skip
     the step on an overflow, double after 2000 steps without one) for gradients that mix
-    DTensors and plain tensors. torch.amp.GradScaler checks each rank's local gradients for
-    infinities, and a rank whose shard overflowed would skip a step its peers take; here the
-    check is the gradients' global norm (`clip_grad_norm_`'s), the same number on every rank,
-    so every rank skips the same steps. Disabled (bf16, fp32), it scales by 1 and never skips.
+    DTensors and plain tensors, which torch.amp.GradScaler refuses (torch 2.13: its
+    `_amp_foreach_non_finite_check_and_unscale_` "got mixed torch.Tensor and DTensor", measured
+    under `megatron`). The overflow check is the gradients' global norm (`clip_grad_norm_`'s),
+    the same number on every rank, so every rank skips the same steps, whichever shard
+    overflowed. Disabled (bf16, fp32), it scales by 1 and never skips.
     """
 
     def __init__(self, enabled, scale=2.0**16, clean_steps=0, growth_interval=2000):
