@@ -12,7 +12,9 @@ to 1e-4, AdamW (beta2 0.99, weight decay 0.1 on matrices), gradient clipping at 
 dropout 0, evaluation on 20 batches. One difference: biases, as in GPT-2, which nanoGPT's
 train.py turns off (`--no-bias`); here they lower the validation loss by 0.009 on average
 (README). Every rank draws the same batches; the loss is computed on vocab-sharded logits
-(`loss_parallel`), and gradient clipping sees DTensor gradients.
+(`loss_parallel`), and gradient clipping sees DTensor gradients. nanoGPT's speed settings
+apply under every plan: `--dtype bf16` (or fp16, with loss scaling) autocasts the forward and
+the loss, and `--compile` compiles the Blocks (benchmarks/train_speed.py measures both).
 """
 
 import argparse
