@@ -14,6 +14,8 @@ sequence trained); the MFU divides them by the peak of the cores the run uses: c
 and 64 are AMD Zen 4's: AVX-512 on two 256-bit FMA pipes, and AVX512-BF16 dot products at
 twice fp32's rate). At TP=2 the "gloo floor" is the step's collectives (counted in the eager
 fp32 step) times a small all-reduce's measured time: what TP=2 spends waiting on gloo at least.
+On a shared machine the wall times depend on the other jobs; rank 0's CPU seconds per step
+(its process time) depend much less on them, and their ratios are the ones to read there.
 """
 
 import argparse
@@ -56,7 +58,7 @@ def _collectives(model, optimizer, scaler, batch, args, dp):
 
 
 def _measure(rank, world_size, config, steps):
-    """Seconds per step of each variant on this TP degree, and the eager step's collectives."""
+    """Seconds per step of each variant on this TP degree (wall, and this process's CPU), and the eager step's collectives."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -77,10 +79,11 @@ def _measure(rank, world_size, config, steps):
         batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
         for _ in range(2):
             train_step(model, optimizer, scaler, [batch], args, dp)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             train_step(model, optimizer, scaler, [batch], args, dp)
         out[name] = (time.perf_counter() - start) / steps
+        out[name, "cpu"] = (time.process_time() - cpu) / steps
         if name == "eager fp32" and world_size > 1:
             out["collectives"] = _collectives(model, optimizer, scaler, batch, args, dp)
         out["flops_per_token"] = 6 * model.get_num_params() + 12 * args.n_layer * args.n_embd * args.block_size
@@ -104,8 +107,9 @@ def main():
     print(machine_line(), flush=True)
     peak = {"fp32": clock_hz() * args.flops_per_cycle[0], "bf16": clock_hz() * args.flops_per_cycle[1]}
     print(f"peak per core: {peak['fp32'] / 1e9:.0f} GFLOPS fp32, {peak['bf16'] / 1e9:.0f} GFLOPS bf16; one thread per process")
-    print("| config | TP | run | s per step | tokens/s | model TFLOPS | MFU | vs eager fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | TP | run | s per step | tokens/s | model TFLOPS | MFU | vs eager fp32 | rank 0's CPU s per step | "
+          "vs eager fp32, in CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         for tp in args.tp:
             r = run_distributed(_measure, tp, config, args.steps)
@@ -113,7 +117,8 @@ def main():
                 rate = r["tokens"] / r[name]
                 flops = rate * r["flops_per_token"]
                 print(f"| {config} | {tp} | {name} | {r[name]:.3f} | {rate:,.0f} | {flops / 1e12:.3f} | "
-                      f"{flops / (tp * peak[name[-4:]]):.1%} | {r['eager fp32'] / r[name]:.2f}x |", flush=True)
+                      f"{flops / (tp * peak[name[-4:]]):.1%} | {r['eager fp32'] / r[name]:.2f}x | {r[name, 'cpu']:.3f} | "
+                      f"{r['eager fp32', 'cpu'] / r[name, 'cpu']:.2f}x |", flush=True)
             if "collectives" in r:
                 counts, seconds = r["collectives"]
                 print(f"gloo floor at TP={tp}, {config}: {counts} collectives per step x {seconds * 1e3:.2f} ms "
