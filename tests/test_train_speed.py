@@ -22,8 +22,9 @@ def data(tmp_path_factory):
 def _eager_and_compiled(rank, world_size, data):
     """
     20 steps eager and compiled, at TP=1 (each rank alone, on its own 1-rank mesh) and TP=2,
-    in one job so that the processes start once.
+    in one job so that the processes start once; and dynamo's graph breaks and graphs.
     """
+    from torch._dynamo.utils import counters
     from torch.distributed.device_mesh import init_device_mesh
 
     sys.path.insert(0, str(ROOT / "examples"))
@@ -35,11 +36,12 @@ def _eager_and_compiled(rank, world_size, data):
         for flags in ([], ["--compile"]):
             args = parse_args(["--data", data, "--max-iters", "20", *TINY, *flags])
             out[tp, bool(flags)] = train(args, mesh, say=lambda *a: None)[4]
-    return out
+    return out, dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
 
 
 def test_compiled_blocks_train_as_eager_ones(data):
-    losses = run_distributed(_eager_and_compiled, 2, data)
+    losses, graph_breaks, graphs = run_distributed(_eager_and_compiled, 2, data)
+    assert graph_breaks == {} and graphs == 2, "one graph of a Block at each degree, none running eagerly"
     for tp in (1, 2):
         eager, compiled = losses[tp, False], losses[tp, True]
         assert len(eager) == 20 and eager[-1] < eager[0] - 0.5
