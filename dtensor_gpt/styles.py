@@ -88,7 +88,7 @@ class PrepareAttentionInput(PrepareModuleInput):
 
 
 def _forward_replicating_plain_tensors(module, *args, **kwargs):
-    if not module.training:  # in eval there is no dropout, so no math path
+    if not (module.training and module.dropout):  # no dropout, no math path
         return type(module).forward(module, *args, **kwargs)
     with plain_tensors_replicated():
         return type(module).forward(module, *args, **kwargs)

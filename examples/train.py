@@ -18,7 +18,9 @@ to 1e-4, AdamW (beta2 0.99, weight decay 0.1 on matrices), gradient clipping at 
 dropout 0, evaluation on 20 batches. One difference: biases, as in GPT-2, which nanoGPT's
 train.py turns off (`--no-bias`); here they lower the validation loss by 0.009 on average
 (README). Every rank draws the same batches; the loss is computed on vocab-sharded logits
-(`loss_parallel`), and gradient clipping sees DTensor gradients.
+(`loss_parallel`), and gradient clipping sees DTensor gradients. nanoGPT's speed settings
+apply under every plan: `--dtype bf16` (or fp16, with loss scaling) autocasts the forward and
+the loss, and `--compile` compiles the Blocks (benchmarks/train_speed.py measures both).
 """
 
 import argparse
@@ -39,9 +41,10 @@ from dtensor_gpt import GPT, GPTConfig, init_weights, load_checkpoint, paralleli
 from dtensor_gpt.checkpoint import optimizer_groups, params_by_id
 from dtensor_gpt.cli import ArgumentParser, add_compress_argument, integer, number, plan_options, quiet_dtensor_notes
 from dtensor_gpt.data import TextData
-from dtensor_gpt.grad import clip_grad_norm_
+from dtensor_gpt.grad import LossScaler
 from dtensor_gpt.memory import available_bytes, training_step_bytes
 from dtensor_gpt.format import not_a_checkpoint
+from dtensor_gpt.safetensors_stream import DTYPE_NAMES
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
 from dtensor_gpt.launch import doing, exit_distributed, init_distributed, stalls_reported
@@ -110,6 +113,12 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=number(at_least=0, below=1), default=0.99, help="AdamW's beta2 (beta1 is 0.9)")
     p.add_argument("--grad-clip", type=number(at_least=0), default=1.0,
                    help="clip the gradients' global norm to this; 0: no clipping")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
+                   help="autocast the forward and the loss to this dtype, as nanoGPT's dtype; weights, gradients, "
+                        "AdamW's state and checkpoints stay fp32; fp16 scales the loss (a gradient scaler)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each Block, forward and backward, as nanoGPT's compile (the first step "
+                        "compiles); the embedding, final LayerNorm, head and loss stay eager")
     p.add_argument("--eval-interval", type=integer(1), default=250, help="iterations between evaluations")
     p.add_argument("--eval-iters", type=integer(1), default=20, help="batches per split in each evaluation")
     p.add_argument("--log-interval", type=integer(1), default=50, help="iterations between progress lines")
@@ -148,6 +157,10 @@ def parse_args(argv=None):
         p.error(f"--dp {args.dp} does not divide the {world} processes; use a divisor of {world}")
     if args.batch_size % args.dp:
         p.error(f"--batch-size {args.batch_size} must split evenly over --dp {args.dp}")
+    if args.compile and args.dropout and world // args.dp > 1:
+        p.error(f"--compile cannot compile attention with --dropout {args.dropout} at tp={world // args.dp}: its "
+                f"causal mask meets DTensors through DTensor's implicit replication, which torch.compile cannot "
+                f"trace (torch 2.13); pass --dropout 0 or leave out --compile")
     return args
 
 
@@ -327,6 +340,9 @@ def build(args, config, mesh):
     if not (args.resume or args.init_from):
         torch.manual_seed(args.seed)
         init_weights(model)
+    if args.compile:
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
     embeddings = set() if args.embedding_decay else {model.transformer.wte.weight, model.transformer.wpe.weight}
     decay = [p for p in model.parameters() if p.dim() >= 2 and p not in embeddings]
     no_decay = [p for p in model.parameters() if p.dim() < 2 or p in embeddings]
@@ -355,7 +371,29 @@ class DataParallel:
         return value.item() / self.size
 
 
+def train_step(model, optimizer, scaler, micro_batches, args, dp):
+    """One optimizer step on the mean gradient of `micro_batches` ([(x, y)]); their mean loss."""
+    losses = []
+    for x, y in micro_batches:
+        with loss_parallel():
+            with autocast(args, model):
+                _, loss = model(x, y)
+            scaler.scaled(loss / len(micro_batches)).backward()
+        losses.append(dp.mean(loss))
+    if scaler.unscale_and_clip_(model.parameters(), args.grad_clip):  # fp16: False after an overflow
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(losses) / len(micro_batches)
+
+
+def autocast(args, model):
+    """nanoGPT's ctx: the forward and the loss in --dtype, from fp32 weights (on CPU too, where nanoGPT stays fp32)."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=DTYPE_NAMES[args.dtype], enabled=args.dtype != "fp32")
+
+
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # under --compile: eval mode would compile every block again
 def estimate_loss(model, data, args, generator, dp):
     model.eval()
     out = {}
@@ -363,7 +401,7 @@ def estimate_loss(model, data, args, generator, dp):
         losses = []
         for _ in range(args.eval_iters):
             x, y = dp.rows(*data.batch(split, args.batch_size, args.block_size, generator))
-            with loss_parallel():
+            with loss_parallel(), autocast(args, model):
                 losses.append(dp.mean(model(x, y)[1]))
         out[split] = sum(losses) / len(losses)
     model.train()
@@ -463,6 +501,8 @@ def _train(args, mesh, say):
             f"--resume auto: {args.out} holds no checkpoint of this run; starting it at iteration 0{attempt}")
     best = saved["extra"].get("best_val_loss", saved["extra"].get("nanogpt", {}).get("best_val_loss")) if args.resume else None
     best = math.inf if best is None else best
+    scaling = {k: saved["extra"][k] for k in ("loss_scale", "clean_steps") if k in saved["extra"]} if args.resume else {}
+    scaler = LossScaler(args.dtype == "fp16", **scaling)
 
     def run_state(it):
         """What --resume needs to continue from iteration `it` exactly."""
@@ -470,6 +510,8 @@ def _train(args, mesh, say):
                  "dataset": os.path.splitext(os.path.basename(args.data))[0], "run": identity}
         if isinstance(data.tokenizer, CharTokenizer):
             extra["chars"] = data.tokenizer.chars
+        if scaler.enabled:
+            extra.update(scaler.state())
         return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
 
     if first >= args.max_iters:  # --resume auto after the run's last save: a restart has nothing left to do
@@ -506,18 +548,8 @@ def _train(args, mesh, say):
         torch.manual_seed((args.seed << 40) ^ (it << 16) ^ dp.rank)
         doing(f"iteration {it}'s training step")
         fault_point("step", it)
-        micro_losses = []
-        for _ in range(steps):
-            x, y = dp.rows(*data.batch("train", args.batch_size, args.block_size, batches))
-            with loss_parallel():
-                _, loss = model(x, y)
-                (loss / steps).backward()  # the step's gradient is the mean over its micro-batches
-            micro_losses.append(dp.mean(loss))
-        if args.grad_clip:
-            clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(sum(micro_losses) / steps)
+        micro_batches = [dp.rows(*data.batch("train", args.batch_size, args.block_size, batches)) for _ in range(steps)]
+        losses.append(train_step(model, optimizer, scaler, micro_batches, args, dp))
         if not math.isfinite(losses[-1]):  # every rank sees the same loss, so all stop here together
             raise Diverged(f"the training loss at iteration {it} is {losses[-1]}", args)
         if it % args.log_interval == 0:

@@ -103,3 +103,39 @@ def test_fused_and_capturable_adamw_resume_with_their_step_on_the_gpu(tmp_path, 
     equal, placed, by_torch = resumed_adamw(str(tmp_path / "ckpt"), "cuda", **options)
     assert placed == by_torch and placed["step"] == (torch.device("cuda", 0), torch.float32)
     assert equal, "resumed for 2 steps, the weights of 4 uninterrupted steps"
+
+
+def _train_on_cuda(args, steps=20):
+    """examples/train.py's step (autocast, loss, backward, clipping, AdamW) on CUDA; the losses."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from dtensor_gpt.grad import LossScaler
+    from train import DataParallel, train_step
+
+    torch.manual_seed(0)
+    model = GPT(small_config()).cuda()
+    if args.compile:
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(0, 96, (4, 33), generator=generator).cuda() for _ in range(4)]
+    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    with fake_process_group(1):
+        dp = DataParallel(init_device_mesh("cuda", (1,)))
+        return [train_step(model, optimizer, LossScaler(False), [batch], args, dp) for batch in batches * (steps // 4)]
+
+
+def test_compiled_bf16_training_on_cuda():
+    """Compiled blocks under bf16 autocast train on CUDA as eager ones do; fp32 compiled gives eager's losses."""
+    from types import SimpleNamespace
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runs = {(dtype, compile): _train_on_cuda(SimpleNamespace(dtype=dtype, compile=compile, grad_clip=1.0))
+            for dtype in ("fp32", "bf16") for compile in (False, True)}
+    assert max(abs(a - b) for a, b in zip(runs["fp32", False], runs["fp32", True])) < 1e-4
+    for (dtype, compile), losses in runs.items():
+        assert losses[-1] < losses[0] - 0.5, (dtype, compile, losses)
+        assert max(abs(a - b) for a, b in zip(losses, runs["fp32", False])) < 0.05, (dtype, compile)
