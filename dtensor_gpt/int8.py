@@ -28,10 +28,13 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from dtensor_gpt.format import CheckpointError
 from dtensor_gpt.materialize import local_values
 
 _LINEARS = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|lm_head"
 SCALE = "_scale"  # a weight `X.weight`'s scale is `X.weight_scale`
+NANOGPT_TIED = {"lm_head.weight": "transformer.wte.weight"}
+TIED_SCALES = {"lm_head.weight_scale": "transformer.wte.weight_scale"}  # tied with their weights
 
 
 def linear_names(model):
@@ -144,7 +147,7 @@ class QuantizedSource:
             tensors[name] = dict(entry, dtype="I8")
             tensors[name + SCALE] = dict(shape=entry["shape"][:1], dtype=entry["dtype"], split=scale_split(entry["split"]))
         self.tensors = tensors
-        self.tied = {**source.tied, **{a + SCALE: n + SCALE for a, n in source.tied.items() if n in self.quantized}}
+        self.tied = {**source.tied, **TIED_SCALES}
         self.optimizer_groups, self.id = None, None  # another model: a checkpoint of its own
 
     def __getattr__(self, name):
@@ -168,3 +171,21 @@ class QuantizedSource:
 def holds_int8(source):
     """Whether a checkpoint source holds int8 weights."""
     return any(e["dtype"] == "I8" for e in source.tensors.values())
+
+
+def without_scales(tensors, tied, where, fix):
+    """
+    An int8 checkpoint's tensors ({name: entry}) less the scales, once each int8 tensor is
+    checked to be a weight int8 holds, with a scale of one value per row, and the tie to be
+    nanoGPT's and its scales'.
+    """
+    held = {n for n, e in tensors.items() if e["dtype"] == "I8"}
+    weights = quantized_weights(tensors, NANOGPT_TIED)
+    if held != weights or tied != {**NANOGPT_TIED, **TIED_SCALES}:
+        raise CheckpointError(f"{where}: int8 weights {sorted(held)} with ties {tied}, but an int8 GPT holds "
+                              f"{sorted(weights)} with ties {({**NANOGPT_TIED, **TIED_SCALES})}; {fix}")
+    for name in weights:
+        if tensors.get(name + SCALE, {}).get("shape") != tensors[name]["shape"][:1]:
+            raise CheckpointError(f"{where}: {name} is int8 but {name + SCALE} is not one scale per row, of shape "
+                                  f"{tensors[name]['shape'][:1]}; {fix}")
+    return {n: e for n, e in tensors.items() if n not in {w + SCALE for w in weights}}
