@@ -131,6 +131,25 @@ def quantize_linears(model):
     return model
 
 
+@torch.no_grad()
+def quantize_model(model):
+    """
+    Quantise a float model's weights in place, before `parallelize` (whose styles then place the
+    scales as `load_checkpoint(..., dtype="int8")` does): the values that load would give from a
+    checkpoint of this model; for benchmarks of random weights. Returns `model`.
+    """
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("quantize_model quantises an unparallelized model; call it before parallelize, "
+                         "or load a checkpoint with load_checkpoint(model, path, dtype='int8')")
+    floats = {name: model.get_submodule(name).weight for name in linear_names(model)}
+    quantize_linears(model)
+    for name, weight in floats.items():
+        module = model.get_submodule(name)
+        module.weight_scale.copy_(scales_of(row_absmax(weight), weight.dtype))
+        module.weight.copy_(quantize(weight, module.weight_scale))
+    return model
+
+
 class QuantizedSource:
     """
     A float checkpoint source read as its int8 form: each Linear weight as int8 plus its scale,

@@ -64,8 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decoding step (dtensor_gpt.compile_decoding); its first step "
                         "compiles, and the summary gives that time apart from the tokens/s after it")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
-                   help="the weights' dtype: the checkpoint is cast on loading")
+    p.add_argument("--dtype", choices=[*DTYPE_NAMES, "int8"], default="fp32",
+                   help="the weights' dtype: the checkpoint is cast on loading; int8: the Linear weights as int8 "
+                        "with a scale per output channel (quantised on loading, or an int8 checkpoint read as it is), "
+                        "the activations in bf16")
     p.add_argument("--timeout", type=number(above=0), default=120,
                    help="seconds any collective may wait for a peer before the job ends naming the ranks that "
                         "stopped answering")
@@ -90,6 +92,8 @@ def load_model(args, mesh):
     with torch.device("meta"), contextlib.redirect_stdout(None):  # no memory until each rank reads its shards
         model = GPT(GPTConfig(**config))
     options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
+    if args.dtype == "int8":
+        model.to(torch.bfloat16)  # the activations' dtype, and the scales'
     parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **options)
     with source:
         load_checkpoint(model, source, dtype=args.dtype)
@@ -207,7 +211,7 @@ def generate(args, mesh, device):
             rate = (f"compiling the decoding step {stamps[1] - stamps[0]:.2f}s (its first step), then "
                     f"{args.num_samples * (len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s")
         batch = f"{args.num_samples} samples x {args.max_new_tokens}" if args.num_samples > 1 else f"{tokens}"
-        weights = "" if args.dtype == "fp32" else f", {args.dtype}"
+        weights = {"fp32": "", "int8": ", int8 weights, bf16 activations"}.get(args.dtype, f", {args.dtype}")
         print(f"\n--- {batch} tokens in {seconds:.2f}s: {rate}; tp={mesh.size()}, plan {args.plan}{weights}, "
               f"{args.sampler} sampling, {mode}; collectives per generated token: {per_token}")
 
