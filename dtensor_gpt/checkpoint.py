@@ -260,7 +260,8 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     per output channel (`dtensor_gpt.int8`), quantised from a float checkpoint's values as they
     are read (a row-parallel weight's rows span ranks: their largest |w| is all-reduced) or read
     as they are from an int8 checkpoint; every other tensor, the scales too, takes the model's
-    floating dtype (fp32 or bf16: the activations'). Everything is checked before a parameter changes: the index
+    floating dtype (fp32 or bf16: the activations'). Everything is checked before a parameter
+    changes (a refused int8 load gives the model back its float weights): the index
     against the hash its files carry, always (`verify` also hashes every file, which makes
     each rank read every byte), and every value this rank reads for NaN and infinity, which
     are refused naming the tensor on every rank alike. Returns
@@ -327,9 +328,8 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
         shape, want = list(p.shape), list(entry["shape"])
         if shape != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")
-    if dtype == "int8":
-        q8.quantize_linears(model)  # the int8 weights (new parameters) and their scales, unset
-        params, tied = unique_parameters(model)
+    restore = q8.quantize_linears(model) if dtype == "int8" else None  # int8 weights and scales, unset
+    params, tied = unique_parameters(model)
     fresh = bool(on_meta(model))  # built on meta: nothing to keep, so its shards are allocated and read into directly
     if fresh:
         if dtype in DTYPE_NAMES:
@@ -338,6 +338,8 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     try:
         return _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh, weights if computed else set())
     except CheckpointError:
+        if restore:
+            restore()  # the float weights the model had
         if fresh:
             allocate(model, "meta")  # refused: the model holds nothing again, as before the call
         raise

@@ -113,22 +113,33 @@ def quantize_linears(model):
     """
     Give each quantised Linear (and a `wte` tied to the head) an int8 weight placed as its float
     one and an empty scale, both unset (a checkpoint fills them), and the int8 forward; in place,
-    once (a model already quantised is left as it is). Returns `model`.
+    once (a model already quantised is left as it is). Returns a function that puts back the
+    float weights and forwards, for a load refused after this.
     """
     tied = model.transformer.wte.weight is model.lm_head.weight
-    for name in linear_names(model):
-        module = model.get_submodule(name)
-        if getattr(module, "weight_scale", None) is not None:
-            continue
+    linears = [model.get_submodule(name) for name in linear_names(model)]
+    linears = [m for m in linears if getattr(m, "weight_scale", None) is None]
+    embedding = [model.transformer.wte] if tied and linears else []
+    before = [(m, dict(m._parameters), m.__dict__.get("forward")) for m in linears + embedding]
+
+    def restore():
+        for module, params, forward in before:
+            module._parameters = params
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+
+    for module in linears:
         weight = module.weight
         module.weight_scale = nn.Parameter(_empty_scale(weight), requires_grad=False)
         module.weight = nn.Parameter(torch.empty_like(weight, dtype=torch.int8), requires_grad=False)
         module.forward = types.MethodType(_linear_forward, module)
-    if tied:
+    if embedding:
         wte = model.transformer.wte
         wte.weight, wte.weight_scale = model.lm_head.weight, model.lm_head.weight_scale
         wte.forward = types.MethodType(_embedding_forward, wte)
-    return model
+    return restore
 
 
 @torch.no_grad()

@@ -171,6 +171,15 @@ def test_converter_reshards_int8_bit_for_bit_and_refuses_exports(tmp_path, capsy
     with pytest.raises(CheckpointError, match=r"holds int8 weights \(transformer.h.0.attn.c_attn.weight and 4 more\) "
                                               r"with per-channel scales; load it with dtype='int8'"):
         load_checkpoint(GPT(config), str(tmp_path / "1"))
+    with torch.no_grad():
+        quantised.transformer.ln_f.weight[0] = float("nan")
+    save_checkpoint(quantised, str(tmp_path / "nan"))
+    model = GPT(config)
+    head, forward = model.lm_head.weight.clone(), model.lm_head.forward
+    with pytest.raises(CheckpointError, match="transformer.ln_f.weight holds 1 NaN"):
+        load_checkpoint(model, str(tmp_path / "nan"), dtype="int8")
+    assert model.transformer.wte.weight is model.lm_head.weight and torch.equal(model.lm_head.weight, head)
+    assert model.lm_head.forward == forward and not hasattr(model.lm_head, "weight_scale"), "the float model, as before"
 
 
 def test_the_compiled_one_row_product_reads_int8_weights():
