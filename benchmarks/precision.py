@@ -30,6 +30,7 @@ from dtensor_gpt.data import TextData
 from dtensor_gpt.tokenizers import CharTokenizer
 from machine import machine_line
 
+DTYPES = ["fp32", "bf16", "fp16", "int8", "int8, bf16 act."]
 MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "models", "shakespeare_char")
 
 
@@ -47,6 +48,7 @@ def main():
     parser.add_argument("--data", required=True, help="tinyshakespeare.txt")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--dtypes", nargs="+", default=DTYPES[1:], choices=DTYPES[1:], help="measured beside fp32")
     parser.add_argument("--checkpoint", default=MODEL, help="a character model of this project (default: the shipped one)")
     args = parser.parse_args()
     print(machine_line(), flush=True)
@@ -58,7 +60,7 @@ def main():
     starts = torch.linspace(0, len(data.val) - 16, args.prompts).long()
     prompts = torch.stack([data.val[s:s + 16] for s in starts])
     rows, reference = [], None
-    for dtype in ("fp32", "bf16", "fp16", "int8", "int8, bf16 act."):
+    for dtype in ["fp32", *args.dtypes]:
         model = GPT(GPTConfig(**index["config"])).eval()
         if dtype == "int8, bf16 act.":
             model.to(torch.bfloat16)

@@ -70,11 +70,14 @@ def scale_split(split):
 
 
 def _times(y, scale):
-    """`y * scale` per output channel; on DTensors, on the local values, which hold the same channels (see module)."""
+    """
+    `y * scale` in the scale's dtype; on DTensors, of the local values, which hold the same
+    channels (see module), or the same rows of an embedding (both lookups masked alike).
+    """
     if isinstance(y, DTensor):
-        local = y.to_local() * local_values(scale)
+        local = y.to_local().to(scale.dtype) * local_values(scale)
         return DTensor.from_local(local, y.device_mesh, y.placements, shape=y.shape, stride=y.stride())
-    return y * scale
+    return y.to(scale.dtype) * scale
 
 
 def linear(x, weight, scale, bias):
@@ -88,13 +91,8 @@ def _linear_forward(module, x):
 
 
 def _embedding_forward(module, idx):
-    """Only the looked-up rows are dequantised; under TP both lookups are masked alike, so one product of locals."""
-    rows = F.embedding(idx, module.weight)
-    scales = F.embedding(idx, module.weight_scale[:, None])
-    if isinstance(rows, DTensor):
-        local = rows.to_local().to(scales.dtype) * scales.to_local()
-        return DTensor.from_local(local, rows.device_mesh, rows.placements, shape=rows.shape, stride=rows.stride())
-    return rows.to(scales.dtype) * scales
+    """Only the rows looked up are dequantised."""
+    return _times(F.embedding(idx, module.weight), F.embedding(idx, module.weight_scale[:, None]))
 
 
 def _empty_scale(weight):

@@ -182,6 +182,25 @@ def test_converter_reshards_int8_bit_for_bit_and_refuses_exports(tmp_path, capsy
     assert model.lm_head.forward == forward and not hasattr(model.lm_head, "weight_scale"), "the float model, as before"
 
 
+def test_scales_are_placed_as_the_layout_table_says_under_every_plan():
+    """Each scale is split with its weight's output channels, whole beside a row-parallel weight, in every plan."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dtensor_gpt import layout
+    from dtensor_gpt.int8 import quantize_linears
+    from helpers import fake_process_group, small_config
+
+    with fake_process_group(2):
+        for plan in ("megatron", "megatron-sp", "spd"):
+            with torch.device("meta"):
+                model = GPT(small_config())
+            quantize_linears(parallelize(model, init_device_mesh("cpu", (2,)), plan))
+            scales = {n: p for n, p in model.named_parameters() if n.endswith("_scale")}
+            assert len(scales) == 4 * model.config.n_layer + 1 and model.lm_head.weight_scale is model.transformer.wte.weight_scale
+            for name, p in scales.items():
+                assert layout.split_of(p) == layout.canonical_split(name), (plan, name)
+
+
 def test_the_compiled_one_row_product_reads_int8_weights():
     """
     Inductor's kernel loads the int8 weight and converts it in registers: no buffer of the
