@@ -2,14 +2,15 @@
 Decoding speed against the memory-bandwidth limit, side by side in one run.
 
     python benchmarks/decode_roofline.py [--config gpt2] [--context 512] [--new 32] [--tp 1 2]
-        [--dtypes fp32 bf16] [--batches 1 4 16] [--device cpu|cuda] [--compile-modes default reduce-overhead]
+        [--dtypes fp32 bf16 int8] [--batches 1 4 16] [--device cpu|cuda] [--compile-modes default reduce-overhead]
 
 GPT-2 124M with random weights, a `context`-token prompt, then `new` greedy tokens with the KV
 cache, tokens/s from the first new token to the last (the prompt's forward is not counted).
 Rows: eager and compiled (`dtensor_gpt.compile_decoding`, inductor, in each of
 `--compile-modes`) in each dtype at each TP degree, the hand-written eager Megatron forward of
-benchmarks/overhead_bench.py (fp32), and the compiled model in the first of `--dtypes` with
-batches of `--batches` rows. TP=1 is the unparallelized model on
+benchmarks/overhead_bench.py (fp32), and the compiled model in each dtype with batches of
+`--batches` rows. int8 is weight-only (`dtensor_gpt.int8`: the Linear weights int8 with a scale
+per output channel, quantised from the random bf16 weights; bf16 activations and cache). TP=1 is the unparallelized model on
 2 threads; TP=2 the megatron plan on 2 gloo processes of 1 thread each, sampling on the
 vocabulary shards as examples/generate.py does (no logits gathered).
 
@@ -40,10 +41,18 @@ from overhead_bench import HandWritten  # noqa: E402
 
 from dtensor_gpt import GPT, compile_decoding, parallelize  # noqa: E402
 from dtensor_gpt.configs import config_by_name  # noqa: E402
+from dtensor_gpt.int8 import quantize_model  # noqa: E402
 from dtensor_gpt.sampling import VocabParallelSampler  # noqa: E402
 from machine import machine_line  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}  # int8: the activations'
+
+
+def build(config, name, device):
+    """GPT of `config` with random weights in dtype `name` (int8: weight-only, bf16 activations), on `device`."""
+    with torch.device(device):  # initialised where it runs: a GPT-2-XL on one CPU thread takes a minute
+        model = GPT(config).to(dtype=DTYPES[name]).eval()
+    return quantize_model(model) if name == "int8" else model
 
 
 def bandwidth(device, mib=256, repeats=5):
@@ -68,14 +77,18 @@ def synchronize(device):
 
 
 def bytes_per_step(model, dtype, rows, context):
-    """What one decoding step must read on this rank: its weights once, each row's cached keys and values."""
+    """
+    What one decoding step must read on this rank: its weights once (int8 ones and their scales
+    as held), each row's cached keys and values (in `dtype`, the activations').
+    """
     size = torch.finfo(dtype).bits // 8
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p
-    weights = sum(local(p).numel() for name, p in model.named_parameters() if name != "transformer.wpe.weight")
-    weights += model.config.n_embd  # one position's row
+    weights = sum(local(p).numel() * p.element_size() for name, p in model.named_parameters()
+                  if name != "transformer.wpe.weight")
+    weights += model.config.n_embd * size  # one position's row
     heads_width = local(model.transformer.h[0].attn.c_proj.weight).shape[1]  # this rank's heads x head size
     kv = 2 * model.config.n_layer * rows * context * heads_width
-    return (weights + kv) * size
+    return weights + kv * size
 
 
 def decode_seconds(generate, prompt, new):
@@ -140,14 +153,13 @@ def measure(rank, world, args):
         for mode, compile_mode in variants:
             compiled = compile_mode is not None
             torch.manual_seed(0)
-            with torch.device(device):  # initialised where it runs: a GPT-2-XL on one CPU thread takes a minute
-                model = GPT(config_by_name(args.config)).to(dtype=dtype).eval()
+            model = build(config_by_name(args.config), name, device)
             if mesh is not None:
                 parallelize(model, mesh, "megatron", loss_parallel=True)
             compile_seconds = 0.0
             if compiled:
                 compile_decoding(model, mode=None if compile_mode == "default" else compile_mode)
-            for batch in (args.batches if compiled and name == args.dtypes[0] else [1]):
+            for batch in (args.batches if compiled else [1]):
                 generate = plugin_generate(model)
                 start = time.perf_counter()
                 # warm-up, as long as the timed runs: the cache has the generation's length, and the step compiles for it
@@ -178,7 +190,8 @@ def main():
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed generations per row; the fastest counts")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"], choices=list(DTYPES),
+                   help="int8: weight-only (dtensor_gpt.int8), bf16 activations")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--compile-modes", nargs="+", default=["default"], choices=["default", "reduce-overhead"],

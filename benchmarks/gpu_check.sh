@@ -12,10 +12,13 @@
 # 2. benchmarks/decode_roofline.py on the GPU at TP=1 in bf16, eager, compiled and compiled
 #    with CUDA graphs (mode="reduce-overhead"), for GPT-2 124M and for a GPT-2-XL-sized model
 #    (random weights), against the bandwidth the same run measures.
+# 3. int8 weight-only decoding (dtensor_gpt.int8: int8 Linear weights with per-channel scales,
+#    bf16 activations) on the GPU at TP=1 beside bf16, eager, compiled and with CUDA graphs:
+#    tokens as its own eager ("tokens as eager") and tokens/s against its roofline (int8 bytes).
 #
 # Needs a Python with torch>=2.13 built for CUDA and this package's dependencies (PYTHON,
 # default python3); on an older torch the TP tests skip, saying why. The package itself is used
-# from this checkout. Run on an H200 on 2026-11-30 (figures in the README's Generating section). Writes each step's log to OUT_DIR
+# from this checkout. Run on an H200 on 2026-11-30 (figures in the README's Generating section; step 3, added since, has not run on a GPU yet). Writes each step's log to OUT_DIR
 # (default: gpu-check-logs) and exits non-zero if a step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +41,6 @@ step() {  # step NAME SECONDS COMMAND...: run it under its own timeout, log it, 
 "$PYTHON" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}')" | tee "$OUT/device.log"
 
 step gpu-tests 300 "$PYTHON" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
-step decode-gpt2 120 "$PYTHON" benchmarks/decode_roofline.py --device cuda --tp 1 --dtypes bf16 --batches 1 16 --config gpt2 --compile-modes default reduce-overhead
+step decode-int8 120 "$PYTHON" benchmarks/decode_roofline.py --device cuda --tp 1 --dtypes bf16 int8 --batches 1 16 --config gpt2 --compile-modes default reduce-overhead
 step decode-gpt2-xl 180 "$PYTHON" benchmarks/decode_roofline.py --device cuda --tp 1 --dtypes bf16 --batches 1 --config gpt2-xl --new 64 --compile-modes default reduce-overhead
 exit $status

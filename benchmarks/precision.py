@@ -1,10 +1,13 @@
 """
-The shipped model in fp32, bf16 and fp16: validation loss, and greedy tokens against fp32's.
+The shipped model in fp32, bf16, fp16 and int8: validation loss, and greedy tokens against fp32's.
 
     python benchmarks/precision.py --data ../shared/data/tinyshakespeare.txt [--prompts 16] [--tokens 200]
+        [--checkpoint DIR]
 
-One process (TP=1) loads examples/models/shakespeare_char cast on load
-(`load_checkpoint(model, path, dtype=...)`) and measures, in each dtype:
+One process (TP=1) loads examples/models/shakespeare_char (or --checkpoint, a character model
+of this project trained on the same text) cast on load (`load_checkpoint(model, path,
+dtype=...)`) and measures, in each dtype (int8: weight-only, `dtensor_gpt.int8`, with fp32
+activations, and "int8, bf16 act." with bf16 ones, as examples/generate.py --dtype int8 runs):
 - the loss over the whole validation split (the last 10%, every consecutive 64-character
   window), from the dtype's logits, the cross-entropy itself taken in float32 so that only
   the model's precision shows;
@@ -27,6 +30,7 @@ from dtensor_gpt.data import TextData
 from dtensor_gpt.tokenizers import CharTokenizer
 from machine import machine_line
 
+DTYPES = ["fp32", "bf16", "fp16", "int8", "int8, bf16 act."]
 MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "models", "shakespeare_char")
 
 
@@ -44,19 +48,23 @@ def main():
     parser.add_argument("--data", required=True, help="tinyshakespeare.txt")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--dtypes", nargs="+", default=DTYPES[1:], choices=DTYPES[1:], help="measured beside fp32")
+    parser.add_argument("--checkpoint", default=MODEL, help="a character model of this project (default: the shipped one)")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     torch.set_num_threads(1)  # losses and tokens, not times: one thread holds up best on shared cores
-    with open(os.path.join(MODEL, "index.json")) as f:
+    with open(os.path.join(args.checkpoint, "index.json")) as f:
         index = json.load(f)
     data = TextData(args.data, CharTokenizer(index["extra"]["chars"]))
     inputs, targets = data.windows("val", index["config"]["block_size"])
     starts = torch.linspace(0, len(data.val) - 16, args.prompts).long()
     prompts = torch.stack([data.val[s:s + 16] for s in starts])
     rows, reference = [], None
-    for dtype in ("fp32", "bf16", "fp16"):
+    for dtype in ["fp32", *args.dtypes]:
         model = GPT(GPTConfig(**index["config"])).eval()
-        load_checkpoint(model, MODEL, dtype=dtype)
+        if dtype == "int8, bf16 act.":
+            model.to(torch.bfloat16)
+        load_checkpoint(model, args.checkpoint, dtype=dtype.split(",")[0])
         loss = validation_loss(model, inputs, targets)
         greedy = model.generate(prompts, args.tokens, top_k=1)[:, 16:]
         reference = greedy if reference is None else reference

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from dtensor_gpt import layout
+from dtensor_gpt import int8 as q8, layout
 from dtensor_gpt.apply_tp import tied_parameters
 from dtensor_gpt.faults import fault_point
 from dtensor_gpt.materialize import allocate, local_values, on_meta
@@ -258,15 +258,23 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
     a caller that read its config to build the model loads it without opening it again,
     and closes it itself (`with source:`). `dtype` ("fp32", "bf16" or "fp16") casts the model's floating
     parameters and the values read into them; without it the checkpoint's dtypes must be the
-    model's. Everything is checked before a parameter changes: the index
+    model's. `dtype="int8"` holds the blocks' and the head's Linear weights as int8 with a scale
+    per output channel (`dtensor_gpt.int8`), quantised from a float checkpoint's values as they
+    are read (a row-parallel weight's rows span ranks: their largest |w| is all-reduced) or read
+    as they are from an int8 checkpoint; every other tensor, the scales too, takes the model's
+    floating dtype (fp32 or bf16: the activations'). Everything is checked before a parameter
+    changes (a refused int8 load gives the model back its float weights): the index
     against the hash its files carry, always (`verify` also hashes every file, which makes
     each rank read every byte), and every value this rank reads for NaN and infinity, which
     are refused naming the tensor on every rank alike. Returns
     {"bytes_read": bytes this rank read (about 1/TP of the sharded tensors plus the
     replicated ones), "extra": the saved JSON values, "extra_tensors": the saved tensors}.
     """
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype={dtype!r} is not a dtype to load into; give one of {', '.join(DTYPE_NAMES)}")
+    if dtype is not None and dtype not in (*DTYPE_NAMES, "int8"):
+        raise ValueError(f"dtype={dtype!r} is not a dtype to load into; give one of {', '.join(DTYPE_NAMES)}, int8")
+    if dtype == "int8" and {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32, torch.bfloat16}:
+        raise ValueError("dtype='int8' keeps the activations in the model's dtype, fp32 or bf16; "
+                         "cast the model to one of them first")
     if dtype is not None and optimizer is not None:
         raise ValueError(f"dtype={dtype!r} casts a model for inference; load an optimizer's state without it")
     if isinstance(path, (str, os.PathLike)):
@@ -283,8 +291,15 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
             raise CheckpointError(f"{path} is a model with {field}={want}, but this model has {field}={have}; "
                                   f"build it with GPTConfig({field}={want!r})")
     saved = {n for n in ckpt.tensors if not n.startswith(("optimizer.", "extra."))}
-    missing = sorted(set(params) - saved)
-    unexpected = sorted(saved - set(params) - set(tied))
+    int8_saved = sorted(n for n in saved if ckpt.tensors[n]["dtype"] == "I8")
+    if int8_saved and dtype != "int8":
+        raise CheckpointError(f"{path} holds int8 weights ({int8_saved[0]} and {len(int8_saved) - 1} more) with "
+                              f"per-channel scales; load it with dtype='int8'")
+    weights = q8.quantized_weights(params, tied) if dtype == "int8" else set()
+    computed = {w + q8.SCALE for w in weights} if not int8_saved else set()  # from a float checkpoint's values
+    expected = (set(params) | {w + q8.SCALE for w in weights}) - computed
+    missing = sorted(expected - saved)
+    unexpected = sorted(saved - expected - set(tied))
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint {missing}, unexpected in it {unexpected}")
     states = {}
@@ -302,7 +317,11 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
                                           f"nor the parameter's {ckpt.tensors[pname]['shape']}")
             states[pname] = keys
     for name, p in params.items():
+        if name in computed:
+            continue
         entry = ckpt.tensors[name]
+        if name in weights and entry["dtype"] not in ("I8", "F32", "BF16", "F16"):
+            raise CheckpointError(f"{path}: tensor {name} is {entry['dtype']}, neither int8 nor a float to quantise")
         if dtype is None and TORCH_DTYPES[entry["dtype"]] != p.dtype:
             raise CheckpointError(
                 f"{path}: tensor {name} is {entry['dtype']} in the checkpoint but {p.dtype} in the model; "
@@ -311,24 +330,55 @@ def load_checkpoint(model, path, verify=False, optimizer=None, dtype=None):
         shape, want = list(p.shape), list(entry["shape"])
         if shape != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {want} in the checkpoint but {shape} in the model")
+    restore = q8.quantize_linears(model) if dtype == "int8" else None  # int8 weights and scales, unset
+    params, tied = unique_parameters(model)
     fresh = bool(on_meta(model))  # built on meta: nothing to keep, so its shards are allocated and read into directly
     if fresh:
-        if dtype is not None:
+        if dtype in DTYPE_NAMES:
             model.to(DTYPE_NAMES[dtype])
         allocate(model)  # the same parameter objects, now holding memory
     try:
-        return _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh)
+        return _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh, weights if computed else set())
     except CheckpointError:
+        if restore:
+            restore()  # the float weights the model had
         if fresh:
             allocate(model, "meta")  # refused: the model holds nothing again, as before the call
         raise
 
 
-def _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh):
-    """Read this rank's values of every tensor, refuse NaN, infinity and overflow on every rank alike, then set them."""
+def _quantized(values, target, scale_target, params):
+    """A float weight's values as int8, and its scale: whole rows' largest |w| (all-reduced where TP splits the rows)."""
+    absmax = q8.row_absmax(values)
+    split = layout.split_of(target)
+    if split is not None and split["dim"] == 1:
+        group, _ = _tp_group(params)
+        absmax = absmax.to(local_values(target).device)
+        dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=group)
+        absmax = absmax.cpu()
+    scale = q8.scales_of(absmax, scale_target.dtype)
+    return q8.quantize(values, scale), scale
+
+
+def _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh, quantize=()):
+    """
+    Read this rank's values of every tensor, refuse NaN, infinity and overflow on every rank
+    alike, then set them; the weights in `quantize` are read as floats and set as int8 with
+    their scales.
+    """
     staged, counts, overflows, replicated = {}, {}, {}, set()  # this rank's values, all read before any is used
+    computed = {w + q8.SCALE for w in quantize}
+
+    def stage(tname, target, values):
+        values = layout.dp_chunk(values, target)
+        if fresh:  # nothing to keep: read straight into the shard, never a second copy
+            local_values(target).copy_(values)
+        staged[tname] = (target, None if fresh else values)
+
     with torch.no_grad():
         for name, p in params.items():
+            if name in computed:
+                continue  # set with its weight
             targets = {name: p}
             for key in states.get(name, []):
                 entry = ckpt.tensors[f"optimizer.{key}.{name}"]
@@ -337,17 +387,17 @@ def _read_into(model, params, ckpt, path, states, dtype, optimizer, fresh):
             for tname, target in targets.items():
                 values = layout.shard_values(ckpt, tname, target)
                 counts[tname] = non_finite(values)
-                if dtype is not None:  # cast once, here; the finite values it turns infinite are counted
+                if dtype in DTYPE_NAMES:  # cast once, here; the finite values it turns infinite are counted
                     values = values.to(DTYPE_NAMES[dtype])
                     overflows[tname] = (0, non_finite(values)[1] - counts[tname][1])
                 if layout.split_of(target) is None:
                     replicated.add(tname)
-                values = layout.dp_chunk(values, target)
-                if fresh:  # nothing to keep: read straight into the shard, never a second copy
-                    local_values(target).copy_(values)
-                staged[tname] = (target, None if fresh else values)
+                if tname in quantize:
+                    values, scale = _quantized(values, target, params[tname + q8.SCALE], params)
+                    stage(tname + q8.SCALE, params[tname + q8.SCALE], scale)
+                stage(tname, target, values.to(target.dtype))
         refuse_non_finite(path, _non_finite_everywhere(counts, replicated, params))
-        if dtype is not None:
+        if dtype in DTYPE_NAMES:
             _refuse_overflow(path, dtype, overflows, replicated, params)
             model.to(DTYPE_NAMES[dtype])  # in place: every parameter, tied or sharded, stays the same object
         for target, values in staged.values():

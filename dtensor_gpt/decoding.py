@@ -19,14 +19,18 @@ forward without a cache) runs eagerly rather than compiling a graph for each len
 
 On CPU the compiled graphs compute one-row products as fused reductions
 (`dtensor_gpt.one_row_products`): a step of one row runs at the speed weights stream from memory.
+With int8 weights (`load_checkpoint(..., dtype="int8")`) the reductions read the int8 values and
+convert them in registers: no float copy of a weight is made.
 """
 
 import torch
 import torch.nn.functional as F
 
+from dtensor_gpt import int8
 
-def _linear(x, weight, bias):
-    return F.linear(x, weight, bias)
+
+def _linear(x, weight, bias, scale):
+    return F.linear(x, weight, bias) if scale is None else int8.linear(x, weight, scale, bias)
 
 
 def _compile_head(head, settings):
@@ -40,7 +44,7 @@ def _compile_head(head, settings):
         # apart: a rank loads another rank's graph and fails its size check (measured). The head
         # is compiled uncached.
         with torch._functorch.config.patch(enable_autograd_cache=False):
-            return linear(x, head.weight, head.bias)
+            return linear(x, head.weight, head.bias, getattr(head, "weight_scale", None))
 
     head.forward = forward
 

@@ -17,13 +17,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 # The megatron family's layout (megatron, megatron-sp and spd place parameters alike;
-# tests/test_checkpoint.py checks this table against each plan's placements).
+# tests/test_checkpoint.py checks this table against each plan's placements). An int8 weight's
+# scale (`dtensor_gpt.int8`) is split with its output channels: whole beside a row-parallel one.
 _RULES = [
-    (r"transformer\.wte\.weight", {"dim": 0, "groups": 1}),
-    (r"lm_head\.weight", {"dim": 0, "groups": 1}),
-    (r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias)", {"dim": 0, "groups": 3}),
+    (r"transformer\.wte\.weight(_scale)?", {"dim": 0, "groups": 1}),
+    (r"lm_head\.weight(_scale)?", {"dim": 0, "groups": 1}),
+    (r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias|weight_scale)", {"dim": 0, "groups": 3}),
     (r"transformer\.h\.\d+\.attn\.c_proj\.weight", {"dim": 1, "groups": 1}),
-    (r"transformer\.h\.\d+\.mlp\.c_fc\.(weight|bias)", {"dim": 0, "groups": 1}),
+    (r"transformer\.h\.\d+\.mlp\.c_fc\.(weight|bias|weight_scale)", {"dim": 0, "groups": 1}),
     (r"transformer\.h\.\d+\.mlp\.c_proj\.weight", {"dim": 1, "groups": 1}),
 ]
 

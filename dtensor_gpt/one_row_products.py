@@ -18,6 +18,11 @@ A decoding step's attention is the same kind of work: one query against every ca
 then its weights against every cached value, per head. CPU's fused attention kernel reads a
 bf16 cache slowly (same command, 544 positions: 4.5 GB/s, against 21.4 GB/s as reductions),
 so one-query attention becomes the same reductions too.
+
+An int8 weight (`dtensor_gpt.int8`) reaches the product as `w.to(x.dtype)`: left so, Inductor
+writes the converted weight to a buffer and reduces over that, reading and writing every weight
+twice more. The pass reduces over the int8 weight itself, converting each value in registers
+(int8 to float32 is exact, as int8 to bf16 is); the per-channel scale then multiplies the sums.
 """
 
 import operator
@@ -27,6 +32,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 _patterns = PatternMatcherPass(pass_name="one_row_products_as_reductions")
 
@@ -54,10 +60,21 @@ def _sums(x, w):
     return (x[:, :, None].float() * w[None, :, :].float()).sum(1)
 
 
+def _int8_source(w):
+    """(the int8 weight, its permutation) when `w` is an int8 weight converted then permuted (`F.linear(x, q.to(x.dtype))`), else (w, None)."""
+    if w.target is aten.permute.default:
+        converted, dims = w.args
+        if converted.target is prims.convert_element_type.default and converted.args[0].meta["val"].dtype == torch.int8:
+            return converted.args[0], list(dims)
+    return w, None
+
+
 @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=_patterns)
 def _mm(match, x, w):
     if _one_row_on_cpu(x, w):
-        match.replace_by_example(lambda x, w: _sums(x, w).to(x.dtype), [x, w])
+        w, dims = _int8_source(w)
+        weight = (lambda w: w) if dims is None else (lambda q: q.permute(dims))
+        match.replace_by_example(lambda x, w: _sums(x, weight(w)).to(x.dtype), [x, w])
         _keep_strides(x, w)
 
 

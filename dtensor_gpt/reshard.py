@@ -1,13 +1,19 @@
 """
 Offline checkpoint converter: any TP degree to any other, and GPT-2 / nanoGPT in and out.
 
-    python -m dtensor_gpt.reshard SRC DST [--tp M] [--dtype fp32|bf16|fp16] [--to native|hf|nanogpt]
+    python -m dtensor_gpt.reshard SRC DST [--tp M] [--dtype fp32|bf16|fp16|int8] [--to native|hf|nanogpt]
                                   [--overwrite] [--no-verify]
 
 SRC is a checkpoint of this project (any TP degree), a Hugging Face GPT-2 directory
 (config.json + model.safetensors) or a nanoGPT ckpt.pt (or its out_dir). DST is written tensor by tensor
 through memory maps (peak memory about one tensor), into a temporary directory beside it
 that is renamed into place only when complete. No process group or torchrun is needed.
+
+--dtype int8 writes the blocks' and the head's Linear weights as int8 with a scale per output
+channel (`dtensor_gpt.int8`; the rest keeps its dtype, optimizer state is dropped), which
+`load_checkpoint(..., dtype="int8")` reads; an int8 checkpoint reshards to any TP degree
+unchanged, bit for bit. It cannot be exported (--to hf or nanogpt hold float weights) nor cast
+back to floats (the values it was quantised from are gone): both are refused.
 
 The converter writes fresh checksums for what it writes, so it must never be handed corrupted
 bytes: by default every source byte is checked against the source's own checksums first
@@ -17,7 +23,7 @@ none), and every tensor it reads for NaN and infinity. --no-verify skips the che
 Exit status 2 is a bad argument, refused before anything is written, with its usage: a value
 argparse refuses, --tp other than 1 with an export, SRC missing, DST existing without
 --overwrite (or, with it, not a checkpoint or export it may replace), DST overlapping SRC,
---tp not dividing SRC's n_head. Exit status 1 is a failed conversion: SRC cannot be read as a
+--tp not dividing SRC's n_head, an int8 SRC exported or cast, --dtype int8 with an export. Exit status 1 is a failed conversion: SRC cannot be read as a
 checkpoint (not one, damaged, failing its checksums, holding NaN or infinity) or writing DST
 failed (no room, an I/O error).
 """
@@ -35,6 +41,7 @@ import torch
 
 from dtensor_gpt import layout
 from dtensor_gpt.cli import integer
+from dtensor_gpt.int8 import QuantizedSource, holds_int8
 from dtensor_gpt.format import FORMAT, CheckpointError, index_sha256, not_a_checkpoint, rank_file, sha256, write_index
 from dtensor_gpt.model import GPTConfig
 from dtensor_gpt.parallelize import check_divisible
@@ -293,6 +300,11 @@ def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=
         check_divisible(GPTConfig(**{f: source.config[f] for f in GPTConfig.__dataclass_fields__}), tp)
     except ValueError as e:
         raise BadArgument(f"{src}: {e}") from None
+    refusal = int8_refusal(source, src, dtype, to)
+    if refusal:
+        raise BadArgument(refusal)
+    if dtype == torch.int8:
+        source, dtype = source if holds_int8(source) else QuantizedSource(source), None
     if activation_note(source, src):
         print(activation_note(source, src), file=sys.stderr)
     needed = output_bytes(source, dtype, to)
@@ -314,6 +326,19 @@ def convert(src, dst, tp=None, dtype=None, to="native", overwrite=False, verify=
     return source
 
 
+def int8_refusal(source, src, dtype, to):
+    """Why int8 cannot go where asked: into an export, which holds float weights, or cast back to floats; or None."""
+    if dtype == torch.int8 and to != "native":
+        return f"--dtype int8 writes this project's checkpoints only (--to native): a --to {to} export holds float weights"
+    if holds_int8(source) and to != "native":
+        return (f"{src} holds int8 weights with per-channel scales, which a --to {to} export cannot hold (it holds "
+                f"float weights); export the fp32 or bf16 checkpoint it was quantised from")
+    if holds_int8(source) and dtype not in (None, torch.int8):
+        return (f"{src} holds int8 weights: --dtype {next(k for k, v in DTYPE_NAMES.items() if v == dtype)} would not give back the values they were "
+                f"quantised from; reshard it without --dtype, or convert the checkpoint it was quantised from")
+    return None
+
+
 def output_bytes(source, dtype, to):
     """About what the output takes on disk: every tensor written (a Hugging Face export keeps only the model)."""
     names = [n for n in source.tensors if to != "hf" or not n.startswith(("optimizer.", "extra."))]
@@ -328,7 +353,9 @@ def main(argv=None):
     parser.add_argument("dst")
     parser.add_argument("--tp", type=integer(1), help="TP degree of the output; an export (--to hf or nanogpt) "
                                                       "holds the whole model, --tp 1 (default: 1)")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast every tensor (default: keep)")
+    parser.add_argument("--dtype", choices=[*sorted(DTYPE_NAMES), "int8"],
+                        help="cast every tensor; int8: the Linear weights as int8 with per-channel scales, the rest "
+                             "kept (default: keep)")
     parser.add_argument("--to", choices=["native", *EXPORTS], default="native",
                         help="native: this project's checkpoint at --tp; hf: a Hugging Face GPT-2 directory; "
                              "nanogpt: nanoGPT's out_dir (ckpt.pt, meta.pkl) (default: native)")
@@ -338,7 +365,8 @@ def main(argv=None):
                              "file's sha256, each ckpt.pt record's CRC-32 (default; --no-verify skips it)")
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.dst, args.tp, DTYPE_NAMES.get(args.dtype), args.to, args.overwrite, args.verify)
+        dtype = torch.int8 if args.dtype == "int8" else DTYPE_NAMES.get(args.dtype)
+        convert(args.src, args.dst, args.tp, dtype, args.to, args.overwrite, args.verify)
     except BadArgument as e:
         parser.error(str(e))
     except (ValueError, OSError) as e:

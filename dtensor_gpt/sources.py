@@ -23,7 +23,7 @@ import zipfile
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dtensor_gpt import layout
+from dtensor_gpt import int8, layout
 from dtensor_gpt.format import (
     DAMAGED,
     INDEX,
@@ -403,10 +403,13 @@ class NativeSource(_Source):
             self.config = dict(self.config, vocab_size=vocab)
             self.tensors = {n: dict(e, shape=[vocab, *e["shape"][1:]]) if n.endswith("transformer.wte.weight") and e["shape"] else e
                             for n, e in self.tensors.items()}
-        if self.tied != _Source.tied:
+        tensors = self.tensors
+        if int8.holds_int8(self):
+            tensors = int8.without_scales(tensors, self.tied, where, DAMAGED)
+        elif self.tied != _Source.tied:
             raise CheckpointError(f"{where}: tied is {self.tied!r}, but this GPT ties exactly "
                                   f"{_Source.tied!r}; {DAMAGED}")
-        check_weights(self.config, {n: e["shape"] for n, e in self.tensors.items() if not n.startswith(("optimizer.", "extra."))},
+        check_weights(self.config, {n: e["shape"] for n, e in tensors.items() if not n.startswith(("optimizer.", "extra."))},
                       where, DAMAGED, {f: f"config.{f}" for f in self.config})
         check_optimizer_state(self.tensors, where, DAMAGED)
 

@@ -24,12 +24,12 @@ from dtensor_gpt import GPT, GPTConfig, compile_decoding, load_checkpoint, paral
 from dtensor_gpt.checkpoint import CheckpointError
 from dtensor_gpt.cli import ArgumentParser, add_compress_argument, integer, number, plan_options, quiet_dtensor_notes
 from dtensor_gpt.launch import doing, exit_distributed, init_distributed, stalls_reported
-from dtensor_gpt.safetensors_stream import DTYPE_NAMES
-from plans import PLANS
 from dtensor_gpt.model import KVCache
+from dtensor_gpt.safetensors_stream import DTYPE_NAMES
 from dtensor_gpt.sampling import VocabParallelSampler
 from dtensor_gpt.sources import activation_note, open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
+from plans import PLANS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "models", "shakespeare_char")
@@ -64,8 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decoding step (dtensor_gpt.compile_decoding); its first step "
                         "compiles, and the summary gives that time apart from the tokens/s after it")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
-                   help="the weights' dtype: the checkpoint is cast on loading")
+    p.add_argument("--dtype", choices=[*DTYPE_NAMES, "int8"], default="fp32",
+                   help="the weights' dtype: the checkpoint is cast on loading; int8: the Linear weights as int8 "
+                        "with a scale per output channel (quantised on loading, or an int8 checkpoint read as it is), "
+                        "the activations in bf16")
     p.add_argument("--timeout", type=number(above=0), default=120,
                    help="seconds any collective may wait for a peer before the job ends naming the ranks that "
                         "stopped answering")
@@ -89,7 +91,10 @@ def load_model(args, mesh):
     tokenizer = tokenizer_for(args, source, config["vocab_size"])
     with torch.device("meta"), contextlib.redirect_stdout(None):  # no memory until each rank reads its shards
         model = GPT(GPTConfig(**config))
-    parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel", **plan_options(args.plan, args.spd_blocks, args.compress))
+    if args.dtype == "int8":
+        model.to(torch.bfloat16)  # the activations' dtype, and the scales'
+    parallelize(model, mesh, args.plan, loss_parallel=args.sampler == "vocab-parallel",
+                **plan_options(args.plan, args.spd_blocks, args.compress))
     with source:
         load_checkpoint(model, source, dtype=args.dtype)
     if args.compile:
@@ -210,7 +215,8 @@ def generate(args, mesh, device):
             rate = (f"compiling the decoding step {stamps[1] - stamps[0]:.2f}s (its first step), then "
                     f"{args.num_samples * (len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s")
         batch = f"{args.num_samples} samples x {args.max_new_tokens}" if args.num_samples > 1 else f"{tokens}"
-        weights = ("" if args.dtype == "fp32" else f", {args.dtype}") + (f", sums sent as {args.compress}" if args.compress else "")
+        weights = {"fp32": "", "int8": ", int8 weights, bf16 activations"}.get(args.dtype, f", {args.dtype}")
+        weights += f", sums sent as {args.compress}" if args.compress else ""
         print(f"\n--- {batch} tokens in {seconds:.2f}s: {rate} (checkpoint loaded in {loading:.2f}s); tp={mesh.size()}, plan {args.plan}{weights}, "
               f"{args.sampler} sampling, {mode}; collectives per generated token: {per_token}")
 

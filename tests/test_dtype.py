@@ -32,7 +32,7 @@ def test_load_casts_every_parameter(name, dtype):
 def test_bad_dtype_is_refused_before_anything_moves():
     model = shipped_model()
     before = model.transformer.wpe.weight.clone()
-    with pytest.raises(ValueError, match=r"^dtype='float64' is not a dtype to load into; give one of fp32, bf16, fp16$"):
+    with pytest.raises(ValueError, match=r"^dtype='float64' is not a dtype to load into; give one of fp32, bf16, fp16, int8$"):
         load_checkpoint(model, str(SHIPPED), dtype="float64")
     with pytest.raises(ValueError, match="dtype='bf16' casts a model for inference; load an optimizer's state without it"):
         load_checkpoint(model, str(SHIPPED), dtype="bf16", optimizer=torch.optim.AdamW(model.parameters()))
