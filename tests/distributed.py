@@ -1,5 +1,6 @@
 """Run a function on N gloo processes and hand rank 0's result back to the test."""
 
+import multiprocessing
 import os
 import pickle
 import tempfile
@@ -11,6 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dtensor_gpt.launch import exit_distributed
+
+# Workers fork from one clean server process per test process that has imported these already
+# (a fresh interpreter spends about 4 s of CPU importing them); nothing of a test's own state
+# reaches them, as with spawn.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed.tensor", "dtensor_gpt", "plans", "distributed"])
 
 
 def _worker(rank, world_size, init_file, result_file, fn, args, timeout):
@@ -44,7 +50,7 @@ def run_distributed(fn, world_size, *args, timeout=None):
         result_file = os.path.join(tmp, "result.pkl")
         mp.start_processes(
             _worker, args=(world_size, init_file, result_file, fn, args, timeout),
-            nprocs=world_size, join=True, start_method="fork",
+            nprocs=world_size, join=True, start_method="forkserver",
         )
         with open(result_file, "rb") as f:
             return pickle.load(f)
