@@ -514,7 +514,7 @@ def _train(args, mesh, say):
             extra.update(scaler.state())
         return dict(extra=extra, extra_tensors={"batch_rng": batches.get_state(), "eval_rng": evals.get_state()})
 
-    if first >= args.max_iters:  # --resume auto after the run's last save: a restart has nothing left to do
+    if args.resume and first >= args.max_iters:  # --resume auto after the run's last save: nothing left to do
         say(f"--resume auto: {args.out} holds this run's last iteration ({first}); nothing left to train")
         return model, optimizer, data, run_state(first), [], None
     say(f"training iterations {first} to {args.max_iters} ({memory})"
