@@ -102,8 +102,7 @@ def _empty_scale(weight):
         return torch.empty(rows, dtype=weight.dtype, device=weight.device)
     placements = [p if isinstance(p, (Shard, _StridedShard)) and p.dim == 0 else Replicate() for p in weight.placements]
     local = weight.to_local()
-    local_rows = local.shape[0] if placements != [Replicate()] * len(placements) else rows
-    return DTensor.from_local(torch.empty(local_rows, dtype=weight.dtype, device=local.device), weight.device_mesh,
+    return DTensor.from_local(torch.empty(local.shape[0], dtype=weight.dtype, device=local.device), weight.device_mesh,
                               placements, shape=(rows,), stride=(1,))
 
 

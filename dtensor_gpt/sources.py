@@ -129,7 +129,7 @@ class _Source:
     extra = {}
     plan = None
     optimizer_groups = None
-    tied = {"lm_head.weight": "transformer.wte.weight"}
+    tied = dict(int8.NANOGPT_TIED)
 
     def close(self):
         """Release the files read from now, not whenever the garbage collector gets to them."""

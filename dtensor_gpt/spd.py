@@ -116,9 +116,10 @@ class SyncPointDrop(ParallelStyle):
 
         def one_sync(module, args, output):
             x, p, m = state.pop("x"), state.pop("p"), state.pop("m")
-            if self.compress is not None:
-                return x + attn_bias() + compressed_sum(p + m, self.compress, device_mesh)
-            return x + attn_bias() + sum_over_ranks(p + m, device_mesh)
+            partials = p + m
+            total = (sum_over_ranks(partials, device_mesh) if self.compress is None
+                     else compressed_sum(partials, self.compress, device_mesh))
+            return x + attn_bias() + total
 
         block.register_forward_pre_hook(keep_input)
         attn_proj.register_forward_pre_hook(hide_attn_bias)

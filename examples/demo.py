@@ -23,7 +23,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtensor_gpt import GPT, init_weights, parallelize
-from dtensor_gpt.cli import ArgumentParser, integer, quiet_dtensor_notes
+from dtensor_gpt.cli import ArgumentParser, integer, plan_options, quiet_dtensor_notes
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.launch import exit_distributed, init_distributed
 from plans import PLANS
@@ -74,12 +74,12 @@ def compare(args, mesh, device):
     rank, tp = dist.get_rank(), mesh.size()
     say = print if rank == 0 else (lambda *a, **k: None)
     config = config_by_name(args.config)
-    options = dict(spd_blocks=spd_blocks_from_text(args.spd_blocks)) if args.plan == "spd" else {}
+    options = plan_options(args.plan, args.spd_blocks, None)
 
-    def sharded(**plan_options):
+    def sharded(**more):
         """The model under the plan, built on meta: this rank allocates its shards only, from seed 0."""
         with torch.device("meta"), contextlib.redirect_stdout(None):
-            model = parallelize(GPT(config), mesh, args.plan, **options, **plan_options)
+            model = parallelize(GPT(config), mesh, args.plan, **options, **more)
         torch.manual_seed(0)
         return init_weights(model)
 

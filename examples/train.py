@@ -25,7 +25,6 @@ the loss, and `--compile` compiles the Blocks (benchmarks/train_speed.py measure
 
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -43,7 +42,7 @@ from dtensor_gpt.cli import ArgumentParser, add_compress_argument, integer, numb
 from dtensor_gpt.data import TextData
 from dtensor_gpt.grad import LossScaler
 from dtensor_gpt.memory import available_bytes, training_step_bytes
-from dtensor_gpt.format import not_a_checkpoint
+from dtensor_gpt.format import not_a_checkpoint, sha256
 from dtensor_gpt.safetensors_stream import DTYPE_NAMES
 from dtensor_gpt.sources import open_source
 from dtensor_gpt.tokenizers import BPETokenizer, CharTokenizer, chars_from_meta
@@ -218,9 +217,7 @@ def run_identity(args):
     as given (before a checkpoint fills in the architecture). Saved with each checkpoint,
     so that --resume auto continues only its own run.
     """
-    with open(args.data, "rb") as f:
-        data = hashlib.sha256(f.read()).hexdigest()
-    return {"data_sha256": data, **{k: v for k, v in sorted(vars(args).items()) if k not in NOT_THE_RUN}}
+    return {"data_sha256": sha256(args.data), **{k: v for k, v in sorted(vars(args).items()) if k not in NOT_THE_RUN}}
 
 
 def own_checkpoint(args, identity):
