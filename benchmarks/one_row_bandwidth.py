@@ -54,7 +54,7 @@ def main():
                  ("attention, one query", attention, (q, k, v, mask), 2 * k.numel() * k.element_size())]
         for name, fn, inputs, size in cases:
             compiled = torch.compile(fn, fullgraph=True, dynamic=False,
-                                     options={"post_grad_custom_post_pass": OneRowProductsAsReductions()})
+                                     options={"post_grad_custom_pre_pass": OneRowProductsAsReductions()})
             eager, fused = best(fn, *inputs), best(compiled, *inputs)
             print(f"| {name} | {str(dtype).removeprefix('torch.')} | {size / eager / 1e9:.1f} | {size / fused / 1e9:.1f} |", flush=True)
 

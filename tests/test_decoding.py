@@ -127,7 +127,7 @@ def test_one_row_products_become_fused_reductions(rows, matrix_kernel):
     x, weight, bias = torch.randn(rows, 48, generator=g), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
     for b in (bias, None):
         compiled = torch.compile(torch.nn.functional.linear, fullgraph=True, dynamic=False,
-                                 options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+                                 options={"post_grad_custom_pre_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
         with torch._functorch.config.patch(enable_autograd_cache=False):
             out, (code,) = run_and_get_code(compiled, x, weight, b)
         assert ("extern_kernels.addmm(" in code or "extern_kernels.mm(" in code) == matrix_kernel
@@ -151,7 +151,7 @@ def test_a_one_row_product_in_bf16_rounds_once_as_addmm():
     x, weight = torch.randn(1, 64, generator=g).bfloat16(), torch.randn(256, 64, generator=g).bfloat16()
     bias = torch.randn(256, generator=g).bfloat16()
     compiled = torch.compile(torch.nn.functional.linear, fullgraph=True, dynamic=False,
-                             options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+                             options={"post_grad_custom_pre_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
     with torch._functorch.config.patch(enable_autograd_cache=False), \
             torch._inductor.config.patch(emulate_precision_casts=True):
         out = compiled(x, weight, bias)
@@ -171,7 +171,7 @@ def test_one_query_attention_becomes_fused_reductions(queries, fused_kernel):
     mask = torch.arange(10) <= torch.arange(6, 6 + queries)[:, None]  # the cache's (T, L) mask: 3 positions unwritten
     attention = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     compiled = torch.compile(attention, fullgraph=True, dynamic=False,
-                             options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+                             options={"post_grad_custom_pre_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
     with torch._functorch.config.patch(enable_autograd_cache=False):
         out, (code,) = run_and_get_code(compiled, q, k, v, mask)
     assert ("aten._scaled_dot_product_flash_attention_for_cpu.default(" in code) == fused_kernel

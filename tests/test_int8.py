@@ -204,7 +204,10 @@ def test_scales_are_placed_as_the_layout_table_says_under_every_plan():
 def test_the_compiled_one_row_product_reads_int8_weights():
     """
     Inductor's kernel loads the int8 weight and converts it in registers: no buffer of the
-    weight's size is made (left alone, Inductor converts the whole weight into one first).
+    weight's size is made (left alone, Inductor converts the whole weight into one first). The
+    bf16 row is converted to float32 once, into a buffer of its own, not beside every weight row.
+    A decoding step's row is (batch 1, one position, features): Inductor's own int8 pattern, which
+    calls `_weight_int8pack_mm` (on these CPUs slower than the reduction), must not take it first.
     """
     from torch._inductor.utils import run_and_get_code
 
@@ -212,15 +215,16 @@ def test_the_compiled_one_row_product_reads_int8_weights():
     from dtensor_gpt.one_row_products import OneRowProductsAsReductions
 
     g = torch.Generator().manual_seed(0)
-    x, weight, bias = torch.randn(1, 48, generator=g).bfloat16(), torch.randn(40, 48, generator=g), torch.randn(40, generator=g).bfloat16()
+    x, weight, bias = torch.randn(1, 1, 48, generator=g).bfloat16(), torch.randn(40, 48, generator=g), torch.randn(40, generator=g).bfloat16()
     scale = int8.scales_of(int8.row_absmax(weight), torch.bfloat16)
     q = int8.quantize(weight, scale)
     compiled = torch.compile(int8.linear, fullgraph=True, dynamic=False,
-                             options={"post_grad_custom_post_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
+                             options={"post_grad_custom_pre_pass": OneRowProductsAsReductions(), "fx_graph_cache": False})
     with torch._functorch.config.patch(enable_autograd_cache=False):
         out, (code,) = run_and_get_code(compiled, x, q, scale, bias)
     torch._dynamo.reset()
     assert "Vectorized<int8_t>::loadu" in code and "extern_kernels.mm(" not in code
     assert "empty_strided_cpu((40, 48)" not in code, "no buffer of the weight's shape"
+    assert "empty_strided_cpu((1, 48), (48, 1), torch.float32)" in code, "the row in float32, once"
     eager = int8.linear(x, q, scale, bias)
     assert (out.float() - eager.float()).abs().max() <= 0.125  # one bf16 rounding of sums of about 10
