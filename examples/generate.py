@@ -128,7 +128,8 @@ def sampler_for(args):
 
 def collectives_per_token(model, prompt, args):
     """The collectives of one decoding step (after a prompt) and the choice of its token, counted by CommDebugMode."""
-    cache = KVCache(len(model.transformer.h), model.config.block_size)
+    # the prompt and one step, no more: a block_size cache was GPT-2-XL's largest allocation after its weights
+    cache = KVCache(len(model.transformer.h), prompt.size(1) + 1)
     sample = sampler_for(args)
     # eagerly: a compiled model would compile again for this cache's length; the collectives are the same
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
