@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from helpers import write_text
 
@@ -123,3 +124,37 @@ def assert_lost_a_peer(errors):
         assert re.fullmatch(r"error: rank (0|1): a collective in (iteration 6's training step|saving run at iteration 8) "
                             r"lost a peer's connection: rank\(s\) (?!\1)[01] do not answer \(stalled or dead\) "
                             r"\(gloo: Connection (reset|closed) by peer\)", line), line
+
+
+WORKER = """
+import os, torch, torch.distributed as dist
+from launch import init_distributed  # from its file: the package would import the model as well
+init_distributed(timeout=10)
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+print(total.item(), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_new_round_meets_although_the_nodes_count_restarts_differently():
+    """
+    torchrun's agents keep one store for all rounds, and after a cut link the nodes' restart counts
+    differ: the node cut off rejoins the next round without counting a failure (benchmarks/link_cut.py
+    shows it on the emulated cluster). Two workers of a second round, restart counts 1 and 0, over
+    the first round's keys, still meet: 1 + 2 = 3 on both.
+    """
+    agents = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agents.port),
+               WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "dtensor_gpt"))
+    for counts in ((0, 0), (1, 0)):
+        workers = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=dict(env, RANK=str(r), LOCAL_RANK=str(r), TORCHELASTIC_RESTART_COUNT=str(count)))
+                   for r, count in enumerate(counts)]
+        try:
+            results = [w.communicate(timeout=60) for w in workers]
+        finally:
+            for w in workers:
+                w.kill()
+                w.wait()
+        assert [w.returncode for w in workers] == [0, 0] and [out for out, _ in results] == ["3.0\n"] * 2, results
