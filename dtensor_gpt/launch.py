@@ -74,20 +74,23 @@ def this_round(store, rank, timeout):
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # a store of this job's own: nothing old in it
         return store
     global _witness
+    host = os.environ["MASTER_ADDR"]
     if rank == 0:
-        _witness = dist.TCPStore(os.environ["MASTER_ADDR"], 0, is_master=True, wait_for_workers=False)
+        _witness = witness = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
         _witness.set("round", uuid.uuid4().hex)
         store.set("dtensor_gpt/round", str(_witness.port))
     deadline = time.monotonic() + timeout
-    while True:
+    while rank != 0:
         try:
-            witness = _witness or dist.TCPStore(os.environ["MASTER_ADDR"], int(store.get("dtensor_gpt/round")),
-                                                timeout=datetime.timedelta(seconds=1))
-            return dist.PrefixStore(f"dtensor_gpt/round-{witness.get('round').decode()}", store)
-        except RuntimeError:
+            port = int(store.get("dtensor_gpt/round"))
+            socket.create_connection((host, port), timeout=1).close()  # the last round's port refuses, quietly
+            witness = dist.TCPStore(host, port, timeout=datetime.timedelta(seconds=1))
+            break
+        except (OSError, RuntimeError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+    return dist.PrefixStore(f"dtensor_gpt/round-{witness.get('round').decode()}", store)
 
 
 def doing(what):
@@ -134,7 +137,8 @@ def stalls_reported(timeout):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun ends the others once a rank dies: say why first
         silent = silent_ranks(min(timeout, 5))
-        who = ("the store does not answer either (rank 0 holds it; under torchrun, the first node's agent)" if silent is None else
+        who = (("the store does not answer either (rank 0 holds it; under torchrun, the first node's agent): this "
+                "rank is cut off from the others, or they are all gone") if silent is None else
                f"rank(s) {', '.join(map(str, silent))} do not answer (stalled or dead)" if silent else
                "every rank answers afterwards, so one was only slow")
         timed_out = "timed out" in str(e).lower()
