@@ -252,7 +252,7 @@ class Cluster:
         self.rate = rate
 
     def set_link(self, node, up):
-        """Plug node's cable into the switch (up) or pull it (down): its switch port, whose veth peer eth0 loses its carrier."""
+        """Plug node's cable into the switch (up) or pull it (down): its switch port; its eth0 loses the carrier."""
         _ip("-n", self.switch, "link", "set", f"p{node}", "up" if up else "down")
 
     def run(self, commands, timeout, env=None, live=False, rate_control=False, watch=None):

@@ -65,6 +65,7 @@ def test_a_killed_or_stalled_rank_is_restarted_and_the_run_ends_as_if_uninterrup
     dp = ["--dp", "2", "--timeout", "30"]  # no stall here: a long timeout, against the load of 3 other jobs
     dp_reference = torchrun(tmp_path, "dp-reference", *common, *dp, "--out", "dp-reference")
     dp_job = torchrun(tmp_path, "dp-job", *common, *dp, "--out", "dp-run", restarts=1, fault="rank=1,iter=6,kill")
+    named = {"job": job, "reference": reference, "dp-job": dp_job, "dp-reference": dp_reference}
     stalled = None
     try:
         deadline = time.time() + 400
@@ -74,10 +75,10 @@ def test_a_killed_or_stalled_rank_is_restarted_and_the_run_ends_as_if_uninterrup
             if pid and f"Sending process {pid} closing signal SIGTERM" in (tmp_path / "job.err").read_text():
                 stalled = pid
                 os.kill(pid, signal.SIGCONT)  # to its pending SIGTERM (torchrun would SIGKILL it after 30 s)
-        for process, name in ((job, "job"), (reference, "reference"), (dp_job, "dp-job"), (dp_reference, "dp-reference")):
+        for name, process in named.items():
             assert process.wait(timeout=max(1, deadline - time.time())) == 0, (tmp_path / f"{name}.err").read_text()[-3000:]
     finally:
-        for process in (job, reference, dp_job, dp_reference):
+        for process in named.values():
             process.kill()
             process.wait()
     out, err = (tmp_path / "job.out").read_text(), (tmp_path / "job.err").read_text()
@@ -101,7 +102,8 @@ def test_a_killed_or_stalled_rank_is_restarted_and_the_run_ends_as_if_uninterrup
         "--resume auto: continuing this run from dp-run at iteration 4 (torchrun restart 1)",
     ]
     assert_ends_as_uninterrupted(tmp_path, "dp-job", "dp-run", "dp-reference", printed=6 + 8)
-    assert_lost_a_peer([line for line in (tmp_path / "dp-job.err").read_text().splitlines() if line.startswith("error:")])
+    dp_err = (tmp_path / "dp-job.err").read_text()
+    assert_lost_a_peer([line for line in dp_err.splitlines() if line.startswith("error:")])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["text.txt", "run", "reference", "dp-run", "dp-reference"] +
         [f"{name}.{stream}" for name in ("job", "reference", "dp-job", "dp-reference") for stream in ("out", "err")]
@@ -109,7 +111,7 @@ def test_a_killed_or_stalled_rank_is_restarted_and_the_run_ends_as_if_uninterrup
 
 
 def assert_ends_as_uninterrupted(tmp_path, job, out, reference, printed):
-    """Every loss `job` printed is the uninterrupted run's at that iteration, and its last checkpoint is bit for bit that run's."""
+    """Each loss `job` printed is the uninterrupted run's at that iteration; its last checkpoint is that run's, bit for bit."""
     straight = dict(re.findall(r"^iter (\d+): loss (\S+),", (tmp_path / f"{reference}.out").read_text(), re.M))
     losses = re.findall(r"^iter (\d+): loss (\S+),", (tmp_path / f"{job}.out").read_text(), re.M)
     assert len(straight) == 12 and len(losses) == printed
@@ -148,8 +150,9 @@ def test_a_new_round_meets_although_the_nodes_count_restarts_differently():
     env = dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agents.port),
                WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "dtensor_gpt"))
     for counts in ((0, 0), (1, 0)):
-        workers = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=dict(env, RANK=str(r), LOCAL_RANK=str(r), TORCHELASTIC_RESTART_COUNT=str(count)))
+        workers = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r),
+                                                        TORCHELASTIC_RESTART_COUNT=str(count)))
                    for r, count in enumerate(counts)]
         try:
             results = [w.communicate(timeout=60) for w in workers]
