@@ -96,7 +96,7 @@ def main():
         sys.exit(f"link_cut.py: iteration {args.cut_at}'s progress line never came: no cut")
     print(f"link of node 1 cut as iteration {args.cut_at} was printed, for {cut.restored - cut.cut:.1f} s "
           f"(train.py --timeout {args.timeout:g}); seconds from the cut:")
-    for t, node, line in sorted(cut.lines + [(cut.restored, None, "the link is back up")]):
+    for t, node, line in sorted(cut.lines + [(cut.restored, None, "the link is back up")], key=lambda e: e[0]):
         if node is None or line.startswith("error:"):
             print(f"  {t - cut.cut:5.1f}  {'' if node is None else f'node {node}: '}{line}")
     restart = cut.first("--resume auto: continuing", after=cut.cut)
