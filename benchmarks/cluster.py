@@ -251,12 +251,18 @@ class Cluster:
                     "burst", str(burst), "latency", "1s")
         self.rate = rate
 
-    def run(self, commands, timeout, env=None, live=False, rate_control=False):
+    def set_link(self, node, up):
+        """Plug node's cable into the switch (up) or pull it (down): its switch port; its eth0 loses the carrier."""
+        _ip("-n", self.switch, "link", "set", f"p{node}", "up" if up else "down")
+
+    def run(self, commands, timeout, env=None, live=False, rate_control=False, watch=None):
         """
         Run commands[i] inside node i, all at once, and wait for all; stop them all at the
         first failure or at `timeout` seconds. Returns [NodeOutput]; raises JobFailed.
         With `live`, node 0's output also goes to this process's stdout as it comes. With
         `rate_control`, the job sets the link rate itself ($DTGC_RATE_CONTROL, see the module).
+        With `watch`, watch([new output of node i]) is called every 50 ms while the job runs,
+        and once at its end, from this thread: it may act on the links (set_link, set_rate).
         """
         if len(commands) != self.nodes:
             raise ValueError(f"{len(commands)} commands for {self.nodes} nodes")
@@ -276,21 +282,19 @@ class Cluster:
                     processes.append(subprocess.Popen(["ip", "netns", "exec", self.namespaces[i], *command],
                                                       stdout=log, stderr=subprocess.STDOUT, env=node_env,
                                                       stdin=subprocess.DEVNULL, start_new_session=True))
-                deadline, shown, served = time.monotonic() + timeout, 0, None
+                deadline, shown, served = time.monotonic() + timeout, [0] * self.nodes, None
                 while any(p.poll() is None for p in processes):
-                    if live:
-                        shown = _show_new(logs[0], shown)
+                    _pass_on(logs, shown, live, watch)
                     if rate_control:
                         served = self._serve_rate(control, served)
                     failed = any(p.poll() not in (None, 0) for p in processes)
                     if failed or time.monotonic() > deadline:
                         break
-                    time.sleep(0.05 if rate_control else 0.2)
+                    time.sleep(0.05 if rate_control or watch else 0.2)
                 timed_out = any(p.poll() is None for p in processes) and time.monotonic() > deadline
             finally:
                 _stop(processes)
-            if live:
-                _show_new(logs[0], shown)
+            _pass_on(logs, shown, live, watch)
             outputs = []
             for i, (p, log) in enumerate(zip(processes, logs)):
                 log.seek(0)
@@ -321,12 +325,13 @@ class Cluster:
         os.replace(os.path.join(control, "have.tmp"), os.path.join(control, "have"))
         return wanted
 
-    def torchrun(self, script_and_args, nproc_per_node, timeout, env=None, live=False, rdzv="c10d", rate_control=False):
+    def torchrun(self, script_and_args, nproc_per_node, timeout, env=None, live=False, rdzv="c10d", rate_control=False,
+                 watch=None, max_restarts=0):
         """Start `script_and_args` on every node with torchrun; see the module's docstring."""
         commands = []
         for i in range(self.nodes):
             command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.nodes),
-                       "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
+                       "--nproc-per-node", str(nproc_per_node), "--max-restarts", str(max_restarts),
                        "--local-addr", self.address(i)]
             if rdzv == "c10d":
                 command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.address(0)}:{RDZV_PORT}",
@@ -336,7 +341,7 @@ class Cluster:
             else:
                 raise ValueError(f"rdzv={rdzv!r} must be 'c10d' or 'static'")
             commands.append(command + list(script_and_args))
-        return self.run(commands, timeout, env=env, live=live, rate_control=rate_control)
+        return self.run(commands, timeout, env=env, live=live, rate_control=rate_control, watch=watch)
 
 
 def _is_main_thread():
@@ -345,13 +350,19 @@ def _is_main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
-def _show_new(log, shown):
-    with open(log.name) as f:
-        f.seek(shown)
-        text = f.read()
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    return shown + len(text)
+def _pass_on(logs, shown, live, watch):
+    """Each node's output since `shown` (its offsets, moved on here): node 0's to stdout with `live`, all to `watch`."""
+    new = []
+    for i, log in enumerate(logs):
+        with open(log.name) as f:
+            f.seek(shown[i])
+            new.append(f.read())
+        shown[i] += len(new[-1])
+    if live:
+        sys.stdout.write(new[0])
+        sys.stdout.flush()
+    if watch:
+        watch(new)
 
 
 def main(argv=None):

@@ -7,7 +7,9 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ def free_port():
 
 
 _store = None  # this attempt's store, where the ranks still answering sign in after a failure
+_witness = None  # on rank 0 under torchrun, the server that proves its round is the live one
 _doing = "the set-up"  # what this rank is doing, for the line a failure ends it with
 PEER_LOST = ("timed out", "connection reset by peer", "connection closed by peer")
 
@@ -33,9 +36,7 @@ def init_distributed(mesh_shape=None, mesh_dim_names=None, timeout=None):
     `timeout` (seconds) bounds every collective, so a stalled or dead peer ends the job
     (see `stalls_reported`) instead of torch's default 30 minutes. Returns (mesh, device).
 
-    The process group's keys go under torchrun's restart count: its workers share the
-    agent's store, whose keys outlive a restart, and a restarted worker would otherwise
-    read the dead workers' addresses and never connect (pytorch/pytorch#135712, #167288).
+    Under torchrun the process group's keys go under a name of this round's (`this_round`).
     """
     global _store
     if "RANK" not in os.environ:
@@ -53,10 +54,43 @@ def init_distributed(mesh_shape=None, mesh_dim_names=None, timeout=None):
     if not dist.is_initialized():
         limit = datetime.timedelta(seconds=timeout) if timeout else None
         store, rank, world_size = next(dist.rendezvous("env://", **({"timeout": limit} if limit else {})))
-        _store = dist.PrefixStore(f"dtensor_gpt/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        _store = this_round(store, rank, timeout or 1800)
         dist.init_process_group(backend, timeout=limit, store=_store, rank=rank, world_size=world_size)
     shape = mesh_shape or (dist.get_world_size(),)
     return init_device_mesh(device.type, shape, mesh_dim_names=mesh_dim_names), device
+
+
+def this_round(store, rank, timeout):
+    """
+    `store` under a name this torchrun round's workers alone share. torchrun's workers share
+    the agents' store, whose keys outlive a restart: under the old keys a new worker would
+    read the dead ones' addresses and never connect (pytorch/pytorch#135712, #167288). Nor
+    does TORCHELASTIC_RESTART_COUNT name a round: a node whose link was cut rejoins the next
+    round without counting a failure, so its count falls behind the other nodes'. Rank 0
+    draws the name, holds it in a store server of its own and publishes that server's port
+    (over the last round's); the others read the port and the name from that server, again
+    while the port is the last round's (its rank 0 is gone, so nothing answers there).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # a store of this job's own: nothing old in it
+        return store
+    global _witness
+    host = os.environ["MASTER_ADDR"]
+    if rank == 0:
+        _witness = witness = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        _witness.set("round", uuid.uuid4().hex)
+        store.set("dtensor_gpt/round", str(_witness.port))
+    deadline = time.monotonic() + timeout
+    while rank != 0:
+        try:
+            port = int(store.get("dtensor_gpt/round"))
+            socket.create_connection((host, port), timeout=1).close()  # the last round's port refuses, quietly
+            witness = dist.TCPStore(host, port, timeout=datetime.timedelta(seconds=1))
+            break
+        except (OSError, RuntimeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    return dist.PrefixStore(f"dtensor_gpt/round-{witness.get('round').decode()}", store)
 
 
 def doing(what):
@@ -69,17 +103,24 @@ def silent_ranks(seconds):
     """
     The ranks that do not sign in to the store within `seconds`, this one having signed in:
     after a failure every rank still running comes here. None when the store itself does not
-    answer (outside torchrun rank 0 holds it).
+    answer by then (it refuses, or a cut link leaves its calls hanging till the link is back).
     """
-    keys = [f"answers/{r}" for r in range(dist.get_world_size())]
-    try:
-        _store.set(keys[dist.get_rank()], "1")
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not _store.check(keys):  # polled: store.wait logs its own timeout
-            time.sleep(0.1)
-        return [r for r, key in enumerate(keys) if not _store.check([key])]
-    except RuntimeError:
-        return None
+    keys, found = [f"answers/{r}" for r in range(dist.get_world_size())], [None]
+
+    def sign_in():
+        try:
+            _store.set(keys[dist.get_rank()], "1")
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not _store.check(keys):  # polled: store.wait logs its own timeout
+                time.sleep(0.1)
+            found[0] = [r for r, key in enumerate(keys) if not _store.check([key])]
+        except RuntimeError:
+            pass
+
+    signing_in = threading.Thread(target=sign_in, daemon=True)
+    signing_in.start()
+    signing_in.join(seconds + 1)
+    return found[0]
 
 
 @contextlib.contextmanager
@@ -96,7 +137,8 @@ def stalls_reported(timeout):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun ends the others once a rank dies: say why first
         silent = silent_ranks(min(timeout, 5))
-        who = ("the store does not answer either (rank 0 holds it outside torchrun)" if silent is None else
+        who = (("the store does not answer either (rank 0 holds it; under torchrun, the first node's agent): this "
+                "rank is cut off from the others, or they are all gone") if silent is None else
                f"rank(s) {', '.join(map(str, silent))} do not answer (stalled or dead)" if silent else
                "every rank answers afterwards, so one was only slow")
         timed_out = "timed out" in str(e).lower()
