@@ -67,23 +67,26 @@ def this_round(store, rank, timeout):
     read the dead ones' addresses and never connect (pytorch/pytorch#135712, #167288). Nor
     does TORCHELASTIC_RESTART_COUNT name a round: a node whose link was cut rejoins the next
     round without counting a failure, so its count falls behind the other nodes'. Rank 0
-    draws the name, holds it in a store server of its own and publishes that server's port
-    (over the last round's); the others read the port and the name from that server, again
-    while the port is the last round's (its rank 0 is gone, so nothing answers there).
+    draws the name, holds it in a store server of its own and publishes that server's address
+    (over the last round's): the address its node reaches the agents' store from, since rank 0
+    need not run where that store does; the others read the name from that server, again
+    while the address is the last round's (its rank 0 is gone, so nothing answers there).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # a store of this job's own: nothing old in it
         return store
     global _witness
-    host = os.environ["MASTER_ADDR"]
     if rank == 0:
+        with socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))) as probe:
+            host = probe.getsockname()[0]
         _witness = witness = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
         _witness.set("round", uuid.uuid4().hex)
-        store.set("dtensor_gpt/round", str(_witness.port))
+        store.set("dtensor_gpt/round", f"{host} {_witness.port}")
     deadline = time.monotonic() + timeout
     while rank != 0:
         try:
-            port = int(store.get("dtensor_gpt/round"))
-            socket.create_connection((host, port), timeout=1).close()  # the last round's port refuses, quietly
+            host, port = store.get("dtensor_gpt/round").decode().split()
+            port = int(port)
+            socket.create_connection((host, port), timeout=1).close()  # the last round's address refuses, quietly
             witness = dist.TCPStore(host, port, timeout=datetime.timedelta(seconds=1))
             break
         except (OSError, RuntimeError):
