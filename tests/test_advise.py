@@ -177,3 +177,11 @@ def test_a_plan_refusing_the_workload_is_left_out_with_its_reason(monkeypatch):
                                   "megatron-overlap:4": "cannot split this step into 4 chunks"}
     assert [r["option"] for r in advice["rows"]][-1] == "megatron-sp" and advice["use"] == "megatron"
     assert "left out: megatron-overlap:4: cannot split this step into 4 chunks" in advise.format_advice(advice)
+
+
+def test_overlap_prices_only_what_the_step_splits():
+    """megatron-overlap runs one row of one token whole, as megatron: a decoded token costs megatron's time, a prefill does not."""
+    for workload, same in (("decode", True), ("prefill", False)):
+        rows = {r["option"]: r["seconds"] for r in advise.advise("tiny", 2, "100gbe", workload, seq=16)["rows"]}
+        assert (rows["megatron-overlap:2"] == pytest.approx(rows["megatron"])) is same
+        assert (rows["megatron-overlap:4"] == pytest.approx(rows["megatron"])) is same
