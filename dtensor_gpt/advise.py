@@ -46,8 +46,8 @@ from dtensor_gpt.comm import WIRE_FRACTION
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.cost import (COMPRESSIONS, COMPUTE_SOURCE, DECODE_BANDWIDTH_FRACTION, DECODE_CONTEXT, H100_HBM_BYTES,
                               LINKS, NET_HOP, OVERLAPPING_PLANS, PAPER_BYTES, TRAIN_TOKENS, block_share, chunks_run,
-                              comm_seconds, compressed, compute_seconds, dropped_blocks, fitted_link, measure_options,
-                              paper_link, parse_rate, plan_parts, scaled, step_seconds)
+                              comm_seconds, compressible, compressed, compute_seconds, dropped_blocks, fitted_link,
+                              measure_options, paper_link, parse_rate, plan_parts, scaled, step_seconds)
 from dtensor_gpt.parallelize import check_divisible
 from plans import PLANS
 
@@ -230,18 +230,26 @@ def predict_option(option, edges, blocks, compute, where, tp, config, chunks=Non
     return dict(seconds=seconds, compute=compute + extra, communication=edge_comm + block_comm, collectives=edges + blocks)
 
 
-_parts = {}  # (option, tp, config, workload, tokens) -> (edges, blocks), within one run
+_parts = {}  # (spec, tp, config, plan options, workload, tokens) -> (edges, blocks), within one run
 
 
 def collectives(option, tp, config, workload, tokens):
-    """(edges, blocks) the option's plan issues (compress= counted later, by the cost model, from the uncompressed plan)."""
+    """
+    (edges, blocks) the option's plan issues without compress=, the block all-reduces that
+    compress= leaves in fp32 (the backward's) counted with the edges: the cost model compresses
+    the blocks' other all-reduces itself, from their fp32 bytes.
+    """
     plain = replace(option, compress="")
-    key = (plain, tp, repr(config), workload, tokens)
-    if key not in _parts:
-        spec = f"spd:{plain.blocks}" if plain.plan == "spd" else plain.plan
-        chunks = {OVERLAPPING_PLANS[plain.plan]: plain.chunks} if plain.plan in OVERLAPPING_PLANS else None
-        _parts[key] = plan_parts(spec, tp, config, chunks, **measure_options(workload, tokens))
-    return _parts[key]
+    spec = f"spd:{plain.blocks}" if plain.plan == "spd" else plain.plan
+    chunks = {OVERLAPPING_PLANS[plain.plan]: plain.chunks} if plain.plan in OVERLAPPING_PLANS else None
+
+    def counted(s):
+        key = (s, tp, repr(config), repr(chunks), workload, tokens)
+        if key not in _parts:
+            _parts[key] = plan_parts(s, tp, config, chunks, **measure_options(workload, tokens))
+        return _parts[key]
+
+    return compressible(counted(spec), counted(f"{spec}+{option.compress}")) if option.compress else counted(spec)
 
 
 def rank(options, parts, where, tp, config, loss_increase=None, max_loss_increase=None):

@@ -205,6 +205,18 @@ def compressed(block_counts, compression, message_scale):
     return out, touched
 
 
+def compressible(plain, issued):
+    """
+    A plan's (edges, blocks) with the block all-reduces that its compressed version still
+    issues in fp32 (the backward's: dtensor_gpt.compress) moved to the edges, leaving the blocks
+    those that `compressed` may compress. `plain`, `issued`: plan_parts without and with compress=.
+    """
+    (edges, blocks), (_, issued_blocks) = plain, issued
+    kept = Counter({key: min(n, issued_blocks[key]) for key, n in blocks.items()
+                    if key[0] == "all_reduce" and issued_blocks[key]})
+    return edges + kept, blocks - kept
+
+
 def step_seconds(compute, block_compute, edge_comm, block_comm, chunks=1, extra_compute=0.0):
     """
     A step's time: its computation and its collectives, where the blocks' part runs in

@@ -8,7 +8,7 @@ import pytest
 from dtensor_gpt.comm import comm_report
 from dtensor_gpt.cost import (COMPRESSIONS, compressed, fit_link, measure_options, plan_collectives, plan_parts, predict,
                               predict_step)
-from helpers import small_config
+from helpers import collective_kinds, small_config
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -67,14 +67,7 @@ def test_compressed_sums_are_priced_as_the_collectives_the_plan_issues(mode):
     _, plain = plan_parts("megatron", 2, config, **options)
     _, issued = plan_parts(f"megatron+{mode}", 2, config, **options)
     model, _ = compressed(plain, COMPRESSIONS[mode], 1.0)
-
-    def kinds(counts):
-        out = Counter()
-        for (kind, _), n in counts.items():
-            out["reduce_scatter" if kind == "all_to_all" else kind] += n
-        return out
-
-    assert kinds(model) == kinds(issued) == Counter({"reduce_scatter": 4, "all_gather": 4})
+    assert collective_kinds(model) == collective_kinds(issued) == Counter({"reduce_scatter": 4, "all_gather": 4})
 
 
 def test_overlapped_blocks_cost_the_longer_of_compute_and_communication():
