@@ -27,7 +27,14 @@ from dtensor_gpt.comm), its time at R minus its time unlimited:
 
 wire is what each rank sends in a ring: bytes x 2(N-1)/N for an all-reduce, x (N-1)/N for an
 all-gather or reduce-scatter of N ranks, or an all-to-all (compressed sums, "megatron+int8"); alpha and beta are least-squares fits (relative error)
-to the microbenchmark of the same job, on the same links.
+to the microbenchmark of the same job, on the same links. A plan whose blocks run in overlapped
+chunks ("megatron-overlap") takes the max-type term instead (dtensor_gpt.cost.predict_step): its
+blocks cost the longer of their computation and their communication plus one chunk of the
+shorter, in the chunks the step really splits into (a decoded token of one row: none). A
+compressed plan needs nothing more: its collectives are those it issued, and its quantisation's
+computation is in its unlimited-link time. `report --results A B` reads several directories, each
+checked and counted apart (the first is the validated set, docs/comm_cost; the new plans' cells
+are in docs/comm_cost/new-plans).
 """
 
 import argparse
