@@ -349,7 +349,7 @@ def model_summary(all_cells):
     if overlapped:
         serial = sum(abs(c["serial"] / c["measured"] - 1) <= 0.2 for c in overlapped)
         print(f"overlapped cells: {len(overlapped)}, {len(overlapped) - sum(c in outside for c in overlapped)} within ±20% "
-              f"with the max-type term, {serial} were nothing overlapped")
+              f"with the max-type term, {serial} if nothing overlapped")
     spreads = sorted(spread(c) for c in all_cells)
     print(f"noise: a cell's repeats spread (slowest - fastest) / fastest {spreads[len(spreads) // 2]:.0%} in the median cell, "
           f"{spreads[-1]:.0%} at most")
