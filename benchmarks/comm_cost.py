@@ -7,6 +7,7 @@ same links and checked against every measured cell, and the same model on paper 
     python benchmarks/comm_cost.py measure --tp 4 --repeats 3
     python benchmarks/comm_cost.py placement    # dp=2 x tp=2 on 2 nodes: TP inside the nodes or across (root)
     python benchmarks/comm_cost.py report [--png docs/comm_cost.png]   # tables (markdown), PNG, on-paper table
+    python benchmarks/comm_cost.py report --results docs/comm_cost docs/comm_cost/new-plans   # and the new plans' cells apart
 
 measure: TP nodes of one rank each, so that every TP collective crosses the capped links; one
 job (benchmarks/cluster_job.py) per TP degree first times torch.distributed's collectives (the
@@ -26,7 +27,14 @@ from dtensor_gpt.comm), its time at R minus its time unlimited:
 
 wire is what each rank sends in a ring: bytes x 2(N-1)/N for an all-reduce, x (N-1)/N for an
 all-gather or reduce-scatter of N ranks, or an all-to-all (compressed sums, "megatron+int8"); alpha and beta are least-squares fits (relative error)
-to the microbenchmark of the same job, on the same links.
+to the microbenchmark of the same job, on the same links. A plan whose blocks run in overlapped
+chunks ("megatron-overlap") takes the max-type term instead (dtensor_gpt.cost.predict_step): its
+blocks cost the longer of their computation and their communication plus one chunk of the
+shorter, in the chunks the step really splits into (a decoded token of one row: none). A
+compressed plan needs nothing more: its collectives are those it issued, and its quantisation's
+computation is in its unlimited-link time. `report --results A B` reads several directories, each
+checked and counted apart (the first is the validated set, docs/comm_cost; the new plans' cells
+are in docs/comm_cost/new-plans).
 """
 
 import argparse
@@ -160,7 +168,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python benchmarks/comm_cost.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["measure", "placement", "report"])
-    parser.add_argument("--results", default=RESULTS, help=f"directory of the results (default {RESULTS})")
+    parser.add_argument("--results", nargs="+", default=[RESULTS],
+                        help=f"directory of the results (default {RESULTS}); report reads several, the first the validated cells")
     parser.add_argument("--tp", default="2,4", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--rates", type=lambda s: s.split(","), help=f"link rates (default {','.join(RATES)})")
     parser.add_argument("--plans", default=",".join(PLANS), type=lambda s: s.split(","))
@@ -180,6 +189,10 @@ def main(argv=None):
 
         return report(args)
     from cluster import JobFailed, missing_requirements
+
+    if len(args.results) > 1:
+        parser.error(f"{args.command} writes one results directory; --results names {len(args.results)}")
+    args.results = args.results[0]
 
     reason = missing_requirements()
     if reason:

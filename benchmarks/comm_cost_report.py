@@ -12,12 +12,12 @@ import math
 import os
 from collections import Counter
 
-from comm_cost import MEASURES, PLACEMENT, PLANS, ROOT
+from comm_cost import MEASURES, PLACEMENT, PLANS, RESULTS, ROOT
 
 from dtensor_gpt.configs import config_by_name
-from dtensor_gpt.cost import (COMPUTE_SOURCE, DECODE_CONTEXT, LINKS, NCCL_BASE_LATENCY, PAPER_BYTES, TRAIN_TOKENS,
-                              comm_seconds, compute_seconds, fitted_link, measure_options, paper_link, parse_rate,
-                              plan_collectives, predict, scaled)
+from dtensor_gpt.cost import (COMPUTE_SOURCE, DECODE_CONTEXT, LINKS, NCCL_BASE_LATENCY, OVERLAPPING_PLANS, TRAIN_TOKENS,
+                              block_share, chunks_run, comm_seconds, compressible, compute_seconds, fitted_link,
+                              measure_options, parse_rate, plan_parts, predict, predict_step)
 
 
 def load_results(directory):
@@ -43,24 +43,38 @@ def source_fingerprint():
 
 class CollectiveCounts:
     """
-    plan_collectives, remembered in a JSON file (each takes seconds to minutes of CPU), with
-    the fingerprint of the code that counted them: counts from other code are counted anew.
+    plan_parts, remembered in a JSON file (each takes seconds to minutes of CPU), with the
+    fingerprint of the code that counted them: counts from other code are counted anew.
     """
 
     def __init__(self, path):
         self.path, self.code = path, source_fingerprint()
         known = json.load(open(path)) if os.path.exists(path) else {}
-        self.known = known.get("counts", {}) if known.get("code") == self.code else {}
+        self.known = known.get("parts", {}) if known.get("code") == self.code else {}
 
-    def __call__(self, spec, tp, config_name, overrides=None, **options):
-        key = json.dumps([spec, tp, config_name, overrides or {}, options], sort_keys=True)
+    def parts(self, spec, tp, config_name, overrides=None, plan_options=None, **options):
+        """(edges, blocks): Counters {(kind, message bytes): count} outside the blocks and in them."""
+        key = json.dumps([spec, tp, config_name, overrides or {}, plan_options or {}, options], sort_keys=True)
         if key not in self.known:
             config = config_by_name(config_name, **(overrides or {}))
-            counts = plan_collectives(spec, tp, config, **options)
-            self.known[key] = sorted([k, b, n] for (k, b), n in counts.items())
+            self.known[key] = [sorted([k, b, n] for (k, b), n in part.items())
+                               for part in plan_parts(spec, tp, config, plan_options, **options)]
             with open(self.path, "w") as f:
-                json.dump(dict(code=self.code, counts=self.known), f, indent=0)
-        return Counter({(k, b): n for k, b, n in self.known[key]})
+                json.dump(dict(code=self.code, parts=self.known), f, indent=0)
+        return tuple(Counter({(k, b): n for k, b, n in part}) for part in self.known[key])
+
+    def __call__(self, spec, tp, config_name, overrides=None, **options):
+        edges, blocks = self.parts(spec, tp, config_name, overrides, **options)
+        return edges + blocks
+
+    def chunks(self, spec, tp, config_name, overrides=None, **options):
+        """How many overlapped chunks `spec`'s blocks run in (1: a plan that does not overlap, or nothing to split)."""
+        plan = spec.partition("+")[0]
+        if plan not in OVERLAPPING_PLANS:
+            return 1
+        _, blocks = self.parts(spec, tp, config_name, overrides, **options)
+        _, whole = self.parts(spec, tp, config_name, overrides, {OVERLAPPING_PLANS[plan]: 1}, **options)
+        return chunks_run(blocks, whole)
 
 
 def fmt_time(seconds):
@@ -80,27 +94,35 @@ def fastest_first(rates):
 
 # --------------------------------------------------------------------- measured vs predicted
 
-def cells(results, counts):
+def cells(results, counts, source=RESULTS):
     """
-    Every measured cell with its prediction: dicts tp, plan, measure, rate, measured (the fastest repeat),
-    samples (each repeat's), load1 (the 1-minute load at each), predicted.
+    Every measured cell of one results directory (`source`) with its prediction: dicts source,
+    tp, plan, measure, rate, measured (the fastest repeat), samples (each repeat's), load1 (the
+    1-minute load at each), predicted, serial (the prediction were nothing overlapped), chunks.
     """
     out = []
     for tp in (2, 4):
         r = results.get(f"tp{tp}")
         if r is None:
             continue
+        config = config_by_name(r["config"], **r.get("overrides", {}))
         unlimited_link = fitted_link(r, "unlimited")
         for rate in fastest_first(r["rates"]):
             link = fitted_link(r, rate)
             for row in r["plans"]:
                 for measure in MEASURES:
-                    c = counts(row["plan"], tp, r["config"],
-                               **measure_options(measure, r["context"] if measure != "train" else r["train_seq"], r["train_batch"]))
+                    tokens = r["context"] if measure != "train" else r["train_seq"]
+                    options = measure_options(measure, tokens, r["train_batch"])
+                    edges, blocks = counts.parts(row["plan"], tp, r["config"], **options)
+                    c, unlimited = edges + blocks, row[measure]["unlimited"]
+                    chunks = counts.chunks(row["plan"], tp, r["config"], **options)
                     logged = Counter({(k, b): n for k, b, n in row[f"{measure}_collectives"]})
-                    out.append(dict(tp=tp, plan=row["plan"], measure=measure, rate=rate, measured=row[measure][rate],
-                                    samples=row[f"{measure}_samples"][rate], load1=row[f"{measure}_load1"][rate],
-                                    config=r["config"], predicted=predict(row[measure]["unlimited"], c, tp, link, unlimited_link),
+                    out.append(dict(source=source, tp=tp, plan=row["plan"], measure=measure, rate=rate,
+                                    measured=row[measure][rate], samples=row[f"{measure}_samples"][rate],
+                                    load1=row[f"{measure}_load1"][rate], config=r["config"], chunks=chunks,
+                                    predicted=predict_step(unlimited, edges, blocks, tp, link, unlimited_link,
+                                                           block_share(config, measure, tokens), chunks),
+                                    serial=predict(unlimited, c, tp, link, unlimited_link),
                                     comm=comm_seconds(c, tp, link), logged_matches=logged == c))
     return out
 
@@ -189,14 +211,16 @@ def plot(all_cells, path):
     x_of = {r: parse_rate(r) or 4 * max(parse_rate(q) or 0 for q in rates) for r in rates}
     colors = {"megatron": "#4c72b0", "megatron-sp": "#55a868", "spd:last:6": "#c44e52", "spd:all": "#8172b2",
               "megatron-overlap": "#ccb974", "megatron+bf16": "#937860", "megatron+int8": "#64b5cd"}
-    tps = sorted({c["tp"] for c in all_cells})
-    fig, axes = plt.subplots(len(tps), 3, figsize=(13, 3.6 * len(tps)), squeeze=False)
-    for i, tp in enumerate(tps):
+    sources = list(dict.fromkeys(c["source"] for c in all_cells))
+    rows = sorted({(sources.index(c["source"]), c["tp"]) for c in all_cells})
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.6 * len(rows)), squeeze=False)
+    for i, (source, tp) in enumerate(rows):
         for j, measure in enumerate(MEASURES):
             ax = axes[i][j]
             for plan in PLANS:
                 pts = sorted((x_of[c["rate"]], c["measured"], c["predicted"]) for c in all_cells
-                             if c["tp"] == tp and c["plan"] == plan and c["measure"] == measure)
+                             if c["source"] == sources[source] and c["tp"] == tp and c["plan"] == plan
+                             and c["measure"] == measure)
                 if not pts:
                     continue
                 scale = 1 if measure == "train" else 1000
@@ -210,10 +234,13 @@ def plot(all_cells, path):
             ax.set_ylabel("s" if measure == "train" else "ms")
             title = {"decode": "decode, per token", "prefill": "prefill, 512 tokens", "train": "training step, 512 tokens"}
             config = next(c["config"] for c in all_cells)
-            ax.set_title(f"{'GPT-2 124M' if config == 'gpt2' else config}, TP={tp}: {title[measure]}", fontsize=9)
+            run = f", {os.path.basename(sources[source])}" if source else ""  # the later results directories, named
+            ax.set_title(f"{'GPT-2 124M' if config == 'gpt2' else config}, TP={tp}{run}: {title[measure]}",
+                         fontsize=8 if source else 9)
             ax.grid(alpha=0.3)
             ax.set_ylim(bottom=0)
-    axes[0][0].legend(fontsize=7)
+    for i in range(len(rows)):
+        axes[i][0].legend(fontsize=6)
     fig.suptitle("time against link rate (solid: measured on emulated nodes; dashed: cost model)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -262,12 +289,20 @@ def placement_table(results):
 PAPER_MODELS = [("GPT-2 124M", "gpt2", dict(n_head=16)),
                 ("GPT-2-XL size 1.5B", "gpt2-xl", dict(n_head=32))]
 PAPER_PLANS = ["megatron", "megatron-sp", "spd:half", "spd:all"]
+PAPER_NEW_PLANS = ["megatron", "megatron-overlap", "megatron+bf16", "megatron+int8"]
 
 
 def paper_tables(counts):
+    """
+    The plans on real links, as the adviser prices them (dtensor_gpt.advise.predict_option):
+    megatron's time and speed-up over one GPU, then the speed-ups of the older plans and of the
+    new ones (overlap in the plan's chunks where the step splits, compressed sums).
+    """
+    from dtensor_gpt.advise import parse_option, predict_option, setting
+
     head = "| model | workload | TP | " + " | ".join(name for name, *_ in LINKS.values()) + " |"
     rule = "|---|---|---|" + "---|" * len(LINKS)
-    t1, t2 = [head, rule], [head, rule]
+    t1, t2, t3 = [head, rule], [head, rule], [head, rule]
     for label, name, overrides in PAPER_MODELS:
         config = config_by_name(name, **overrides)
         for workload in ("decode", "train"):
@@ -276,70 +311,104 @@ def paper_tables(counts):
             options = measure_options(workload, tokens, 1)
             wname = "decode, per token" if workload == "decode" else f"training step, {TRAIN_TOKENS} tokens"
             for tp in (2, 4, 8):
-                row1, row2 = [], []
-                per_plan = {}
-                for plan in PAPER_PLANS:
+                priced = {}
+                for plan in dict.fromkeys(PAPER_PLANS + PAPER_NEW_PLANS):
                     spec = f"spd:last:{config.n_layer // 2}" if plan == "spd:half" else plan
-                    per_plan[plan] = counts(spec, tp, name, overrides, **options)
-                for _, bandwidth, hop, _ in LINKS.values():
-                    link = paper_link(bandwidth, hop, tp)
-                    times = {p: one_gpu / tp + comm_seconds(scaled(c, PAPER_BYTES), tp, link) for p, c in per_plan.items()}
+                    plain = spec.partition("+")[0]  # the cost model compresses the plain plan's collectives itself
+                    parts = counts.parts(plain, tp, name, overrides, **options)
+                    if plain != spec:
+                        parts = compressible(parts, counts.parts(spec, tp, name, overrides, **options))
+                    priced[plan] = (parse_option(spec), *parts, counts.chunks(plain, tp, name, overrides, **options))
+                row1, row2, row3 = [], [], []
+                for link in LINKS:
+                    where, _ = setting(link, name, config, tp, workload, tokens)
+                    times = {p: predict_option(option, edges, blocks, one_gpu / tp, where, tp, config, chunks)["seconds"]
+                             for p, (option, edges, blocks, chunks) in priced.items()}
                     m = times["megatron"]
                     row1.append(f"{fmt_us(m)} ({one_gpu / m:.2f}x)")
                     row2.append(" / ".join(f"{one_gpu / times[p]:.2f}" for p in PAPER_PLANS))
+                    row3.append(" / ".join(f"{one_gpu / times[p]:.2f}" for p in PAPER_NEW_PLANS))
                 t1.append(f"| {label} | {wname} (1 GPU: {fmt_us(one_gpu)}) | {tp} | " + " | ".join(row1) + " |")
                 t2.append(f"| {label} | {wname} | {tp} | " + " | ".join(row2) + " |")
-    return "\n".join(t1), "\n".join(t2)
+                t3.append(f"| {label} | {wname} | {tp} | " + " | ".join(row3) + " |")
+    return "\n".join(t1), "\n".join(t2), "\n".join(t3)
 
 
 def fmt_us(seconds):
     return f"{seconds * 1e6:.0f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
 
 
-def report(args):
-    results = load_results(args.results)
-    counts = CollectiveCounts(os.path.join(args.results, "collectives.json"))
-    all_cells = cells(results, counts)
+def model_summary(all_cells):
+    """The cost model against the cells measured on capped links: the count within ±20%, and each cell outside."""
+    unlimited = {(c["tp"], c["plan"], c["measure"]): c for c in all_cells if c["rate"] == "unlimited"}
+    errors = [abs(error(c)) for c in all_cells if c["rate"] != "unlimited"]
+    outside = [c for c in all_cells if c["rate"] != "unlimited" and abs(error(c)) > 0.2]
+    print(f"cost model: {len(errors)} predicted cells, median |error| {sorted(errors)[len(errors) // 2]:.1%}, "
+          f"max {max(errors):.1%}, {len(errors) - len(outside)} within ±20%")
+    overlapped = [c for c in all_cells if c["rate"] != "unlimited" and c["chunks"] > 1]
+    if overlapped:
+        serial = sum(abs(c["serial"] / c["measured"] - 1) <= 0.2 for c in overlapped)
+        print(f"overlapped cells: {len(overlapped)}, {len(overlapped) - sum(c in outside for c in overlapped)} within ±20% "
+              f"with the max-type term, {serial} if nothing overlapped")
+    spreads = sorted(spread(c) for c in all_cells)
+    print(f"noise: a cell's repeats spread (slowest - fastest) / fastest {spreads[len(spreads) // 2]:.0%} in the median cell, "
+          f"{spreads[-1]:.0%} at most")
+    within = [c for c in outside if min(c["samples"]) <= c["predicted"] <= max(c["samples"])]
+    print(f"of the {len(outside)} outside, {len(within)} predict a time inside the range of the cell's own repeats "
+          f"(the shared machine's noise is larger than the error)")
+    for c in outside:
+        base = unlimited[c["tp"], c["plan"], c["measure"]]
+        print(f"  outside ±20%: TP={c['tp']} {c['plan']} {c['measure']} at {fmt_rate(c['rate'])}: measured "
+              f"{fmt_time(c['measured'])} (repeats {fmt_time(min(c['samples']))} to {fmt_time(max(c['samples']))}; "
+              f"unlimited {fmt_time(base['measured'])}, repeats {fmt_time(min(base['samples']))} to "
+              f"{fmt_time(max(base['samples']))}), model {fmt_time(c['predicted'])} ({error(c):+.0%}), of which "
+              f"communication {fmt_time(c['comm'])}" + ("; inside the repeats' range" if c in within else "")
+              + (f"; were nothing overlapped {fmt_time(c['serial'])} ({c['serial'] / c['measured'] - 1:+.0%})"
+                 if c["chunks"] > 1 else ""))
+    mismatched = [c for c in all_cells if not c["logged_matches"]]
+    which = dict.fromkeys(f"TP={c['tp']} {c['plan']} {c['measure']}" for c in mismatched)
+    print(f"collectives the jobs issued = dtensor_gpt.comm's count in {len(all_cells) - len(mismatched)} of "
+          f"{len(all_cells)} cells" + (f"; not in: {', '.join(which)}" if which else ""), "\n")
+
+
+def report_cells(results, all_cells):
+    """The jobs, the links fitted, each cell measured and predicted, and each plan against megatron."""
     if results:
         print("## The jobs, and the shared machine's load while they ran\n")
         print(jobs_table(results), "\n")
-    if all_cells:
-        print("## Links fitted from the microbenchmark (alpha: latency per collective; beta: wire bytes per second)\n")
-        print(links_table(results), "\n")
-        for tp in sorted({c["tp"] for c in all_cells}):
-            print(f"## TP={tp}: measured (model, error)\n")
-            print(measured_table(all_cells, tp), "\n")
-        unlimited = {(c["tp"], c["plan"], c["measure"]): c for c in all_cells if c["rate"] == "unlimited"}
-        errors = [abs(error(c)) for c in all_cells if c["rate"] != "unlimited"]
-        outside = [c for c in all_cells if c["rate"] != "unlimited" and abs(error(c)) > 0.2]
-        print(f"cost model: {len(errors)} predicted cells, median |error| {sorted(errors)[len(errors) // 2]:.1%}, "
-              f"max {max(errors):.1%}, {len(errors) - len(outside)} within ±20%")
-        spreads = sorted(spread(c) for c in all_cells)
-        print(f"noise: a cell's repeats spread (slowest - fastest) / fastest {spreads[len(spreads) // 2]:.0%} in the median cell, "
-              f"{spreads[-1]:.0%} at most")
-        within = [c for c in outside if min(c["samples"]) <= c["predicted"] <= max(c["samples"])]
-        print(f"of the {len(outside)} outside, {len(within)} predict a time inside the range of the cell's own repeats "
-              f"(the shared machine's noise is larger than the error)")
-        for c in outside:
-            base = unlimited[c["tp"], c["plan"], c["measure"]]
-            print(f"  outside ±20%: TP={c['tp']} {c['plan']} {c['measure']} at {fmt_rate(c['rate'])}: measured "
-                  f"{fmt_time(c['measured'])} (repeats {fmt_time(min(c['samples']))} to {fmt_time(max(c['samples']))}; "
-                  f"unlimited {fmt_time(base['measured'])}, repeats {fmt_time(min(base['samples']))} to "
-                  f"{fmt_time(max(base['samples']))}), model {fmt_time(c['predicted'])} ({error(c):+.0%}), of which "
-                  f"communication {fmt_time(c['comm'])}" + ("; inside the repeats' range" if c in within else ""))
-        mismatched = [c for c in all_cells if not c["logged_matches"]]
-        print(f"collectives the jobs issued = dtensor_gpt.comm's count in {len(all_cells) - len(mismatched)} of "
-              f"{len(all_cells)} cells", *[f"{c['tp']} {c['plan']} {c['measure']}" for c in mismatched], "\n")
-        print("## Each plan against megatron (measured)\n")
-        print(savings_table(all_cells), "\n")
-        if args.png:
-            plot(all_cells, args.png)
-            print(f"wrote {args.png}\n")
-    table = placement_table(results)
-    if table:
-        print("## Placement: dp=2 x tp=2 on 2 nodes of 2 ranks, training step\n")
-        print(table, "\n")
-    t1, t2 = paper_tables(counts)
+    if not all_cells:
+        return
+    print("## Links fitted from the microbenchmark (alpha: latency per collective; beta: wire bytes per second)\n")
+    print(links_table(results), "\n")
+    for tp in sorted({c["tp"] for c in all_cells}):
+        print(f"## TP={tp}: measured (model, error)\n")
+        print(measured_table(all_cells, tp), "\n")
+    model_summary(all_cells)
+    print("## Each plan against megatron (measured)\n")
+    print(savings_table(all_cells), "\n")
+
+
+def report(args):
+    """Every results directory's cells, the first's as the validated set, then the on-paper tables."""
+    every = []
+    for i, directory in enumerate(args.results):
+        results = load_results(directory)
+        counts = CollectiveCounts(os.path.join(directory, "collectives.json"))
+        all_cells = cells(results, counts, directory)
+        if i:
+            print(f"# The cells in {os.path.relpath(directory, ROOT)}\n")
+        report_cells(results, all_cells)
+        every += all_cells
+        table = placement_table(results)
+        if table:
+            print("## Placement: dp=2 x tp=2 on 2 nodes of 2 ranks, training step\n")
+            print(table, "\n")
+        if not i:
+            paper_counts = counts
+    if args.png and every:
+        plot(every, args.png)
+        print(f"wrote {args.png}\n")
+    t1, t2, t3 = paper_tables(paper_counts)
     print("## On paper: the links\n")
     print("| link | bandwidth each way | alpha per ring step (NCCL, ring/LL) | source |\n|---|---|---|---|")
     for name, bandwidth, hop, source in LINKS.values():
@@ -348,5 +417,7 @@ def report(args):
     print("## On paper: real links (megatron: time per step and speed-up over one GPU)\n")
     print(t1, "\n")
     print("## On paper: speed-up over one GPU, megatron / megatron-sp / spd half the blocks / spd all blocks\n")
-    print(t2)
+    print(t2, "\n")
+    print("## On paper: speed-up over one GPU, megatron / megatron-overlap / megatron+bf16 / megatron+int8\n")
+    print(t3)
     return 0

@@ -45,9 +45,9 @@ from dtensor_gpt.cli import ArgumentParser, integer, number, quiet_dtensor_notes
 from dtensor_gpt.comm import WIRE_FRACTION
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.cost import (COMPRESSIONS, COMPUTE_SOURCE, DECODE_BANDWIDTH_FRACTION, DECODE_CONTEXT, H100_HBM_BYTES,
-                              LINKS, NET_HOP, OVERLAPPING_PLANS, PAPER_BYTES, TRAIN_TOKENS, block_share, comm_seconds,
-                              compressed, compute_seconds, dropped_blocks, fitted_link, measure_options, paper_link,
-                              parse_rate, plan_parts, scaled, step_seconds)
+                              LINKS, NET_HOP, OVERLAPPING_PLANS, PAPER_BYTES, TRAIN_TOKENS, block_share, chunks_run,
+                              comm_seconds, compressible, compressed, compute_seconds, dropped_blocks, fitted_link,
+                              measure_options, paper_link, parse_rate, plan_parts, scaled, step_seconds)
 from dtensor_gpt.parallelize import check_divisible
 from plans import PLANS
 
@@ -212,11 +212,11 @@ def computation(option, parts, where, tp):
     return seconds - comm_seconds(edges + blocks, tp, unlimited)
 
 
-def predict_option(option, edges, blocks, compute, where, tp, config):
+def predict_option(option, edges, blocks, compute, where, tp, config, chunks=None):
     """
     {seconds, compute, communication, collectives}: `option`'s step in `where` from its
     computation and its collectives outside and inside the blocks (fp32 bytes, as
-    dtensor_gpt.comm counts them).
+    dtensor_gpt.comm counts them), the blocks in `chunks` overlapped chunks (default: the option's).
     """
     scale = where.message_scale
     edges, blocks = scaled(edges, scale), scaled(blocks, scale)
@@ -225,22 +225,31 @@ def predict_option(option, edges, blocks, compute, where, tp, config):
         blocks, touched = compressed(blocks, COMPRESSIONS[option.compress], scale)
         extra = touched / where.memory_bandwidth
     edge_comm, block_comm = comm_seconds(edges, tp, where.link), comm_seconds(blocks, tp, where.link)
-    seconds = step_seconds(compute, compute * block_share(config), edge_comm, block_comm, option.chunks, extra)
+    chunks = option.chunks if chunks is None else chunks
+    seconds = step_seconds(compute, compute * block_share(config), edge_comm, block_comm, chunks, extra)
     return dict(seconds=seconds, compute=compute + extra, communication=edge_comm + block_comm, collectives=edges + blocks)
 
 
-_parts = {}  # (option, tp, config, workload, tokens) -> (edges, blocks), within one run
+_parts = {}  # (spec, tp, config, plan options, workload, tokens) -> (edges, blocks), within one run
 
 
 def collectives(option, tp, config, workload, tokens):
-    """(edges, blocks) the option's plan issues (compress= counted later, by the cost model, from the uncompressed plan)."""
+    """
+    (edges, blocks) the option's plan issues without compress=, the block all-reduces that
+    compress= leaves in fp32 (the backward's) counted with the edges: the cost model compresses
+    the blocks' other all-reduces itself, from their fp32 bytes.
+    """
     plain = replace(option, compress="")
-    key = (plain, tp, repr(config), workload, tokens)
-    if key not in _parts:
-        spec = f"spd:{plain.blocks}" if plain.plan == "spd" else plain.plan
-        chunks = {OVERLAPPING_PLANS[plain.plan]: plain.chunks} if plain.chunks > 1 else None
-        _parts[key] = plan_parts(spec, tp, config, chunks, **measure_options(workload, tokens))
-    return _parts[key]
+    spec = f"spd:{plain.blocks}" if plain.plan == "spd" else plain.plan
+    chunks = {OVERLAPPING_PLANS[plain.plan]: plain.chunks} if plain.plan in OVERLAPPING_PLANS else None
+
+    def counted(s):
+        key = (s, tp, repr(config), repr(chunks), workload, tokens)
+        if key not in _parts:
+            _parts[key] = plan_parts(s, tp, config, chunks, **measure_options(workload, tokens))
+        return _parts[key]
+
+    return compressible(counted(spec), counted(f"{spec}+{option.compress}")) if option.compress else counted(spec)
 
 
 def rank(options, parts, where, tp, config, loss_increase=None, max_loss_increase=None):
@@ -253,9 +262,12 @@ def rank(options, parts, where, tp, config, loss_increase=None, max_loss_increas
     rows = []
     for option in options:
         edges, blocks = parts(option)
+        # what was split: one row of one token runs whole
+        chunks = chunks_run(blocks, parts(replace(option, chunks=1))[1]) if option.chunks > 1 else 1
         rows.append(dict(option=option.label, exact=option.exact,
                          loss_increase=0.0 if option.exact else loss_increase.get(option.label),
-                         **predict_option(option, edges, blocks, computation(option, parts, where, tp), where, tp, config)))
+                         **predict_option(option, edges, blocks, computation(option, parts, where, tp), where, tp, config,
+                                          chunks)))
     rows.sort(key=lambda r: r["seconds"])
     budget = 0.0 if max_loss_increase is None else max_loss_increase
     allowed = [r for r in rows if r["exact"] or (r["loss_increase"] is not None and r["loss_increase"] <= budget)]
@@ -310,7 +322,8 @@ def advise(config="gpt2", tp=2, link="nvlink4", workload="train", *, seq=None, c
             counted[option] = collectives(option, tp, model, workload, tokens)
         except ValueError as e:  # a plan that refuses this workload (its message says why)
             left_out[option.label] = str(e)
-    rows, use = rank(list(counted), counted.get, where, tp, model, calibration, max_loss_increase)
+    rows, use = rank(list(counted), lambda o: counted.get(o) or collectives(o, tp, model, workload, tokens), where, tp,
+                     model, calibration, max_loss_increase)
     return dict(config=config, tp=tp, workload=workload, tokens=tokens, link=where.link_text, compute=where.compute_text,
                 calibration=notes, max_loss_increase=max_loss_increase, rows=rows, use=use, left_out=left_out)
 

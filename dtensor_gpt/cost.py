@@ -108,6 +108,20 @@ def predict(unlimited_seconds, counts, n, link, unlimited_link):
     return unlimited_seconds - comm_seconds(counts, n, unlimited_link) + comm_seconds(counts, n, link)
 
 
+def predict_step(unlimited_seconds, edges, blocks, n, link, unlimited_link, share, chunks):
+    """
+    `predict` for a plan whose blocks run in `chunks` overlapped chunks: the unlimited time
+    plus what `step_seconds` adds at this link over the unlimited one; the computation is the
+    unlimited time less its communication, `share` of it in the blocks. One chunk: `predict`.
+    """
+    compute = unlimited_seconds - comm_seconds(edges + blocks, n, unlimited_link)
+
+    def step(at):
+        return step_seconds(compute, compute * share, comm_seconds(edges, n, at), comm_seconds(blocks, n, at), chunks)
+
+    return unlimited_seconds + step(link) - step(unlimited_link)
+
+
 # -------------------------------------------------------------------------------- compute
 
 H100_BF16_FLOPS = 989e12  # dense BF16 tensor-core peak, H100 SXM (NVIDIA H100 datasheet)
@@ -126,9 +140,14 @@ def parameters(config):
     return 12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd + config.block_size * config.n_embd
 
 
-def block_share(config):
-    """The blocks' part of a step's computation (the rest: embedding and head), by their share of the weights."""
-    return 12 * config.n_layer * config.n_embd ** 2 / parameters(config)
+def block_share(config, workload="train", tokens=1):
+    """
+    The blocks' part of a step's computation (the rest: embedding and head), by their share of
+    the weights each token goes through; a prefill computes the head at its last position only.
+    """
+    blocks = 12 * config.n_layer * config.n_embd ** 2
+    rest = parameters(config) - blocks
+    return blocks / (blocks + (rest / tokens if workload == "prefill" else rest))
 
 
 def compute_seconds(config, workload, tokens):
@@ -162,8 +181,9 @@ class Compression:
 
 
 COMPRESSIONS = {
-    "bf16": Compression(2, ("all_reduce",), 0, "sent as bf16"),
-    # a reduce-scatter as an all_to_all of int8 chunks (its wire is a reduce-scatter's), the sums re-quantised and gathered
+    # a reduce-scatter as an all_to_all of compressed chunks (its wire is a reduce-scatter's), the sums compressed and
+    # gathered (dtensor_gpt.compress: bf16 and int8 alike)
+    "bf16": Compression(2, ("reduce_scatter", "all_gather"), 0, "sent as bf16 (all_to_all + all-gather)"),
     "int8": Compression(1, ("reduce_scatter", "all_gather"), 4, "sent as int8 with scales (all_to_all + all-gather)"),
 }
 
@@ -185,6 +205,18 @@ def compressed(block_counts, compression, message_scale):
     return out, touched
 
 
+def compressible(plain, issued):
+    """
+    A plan's (edges, blocks) with the block all-reduces that its compressed version still
+    issues in fp32 (the backward's: dtensor_gpt.compress) moved to the edges, leaving the blocks
+    those that `compressed` may compress. `plain`, `issued`: plan_parts without and with compress=.
+    """
+    (edges, blocks), (_, issued_blocks) = plain, issued
+    kept = Counter({key: min(n, issued_blocks[key]) for key, n in blocks.items()
+                    if key[0] == "all_reduce" and issued_blocks[key]})
+    return edges + kept, blocks - kept
+
+
 def step_seconds(compute, block_compute, edge_comm, block_comm, chunks=1, extra_compute=0.0):
     """
     A step's time: its computation and its collectives, where the blocks' part runs in
@@ -195,6 +227,15 @@ def step_seconds(compute, block_compute, edge_comm, block_comm, chunks=1, extra_
     if chunks == 1:
         return rest + block_compute + block_comm
     return rest + max(block_compute, block_comm) + min(block_compute, block_comm) / chunks
+
+
+def chunks_run(blocks, whole_blocks):
+    """
+    How many chunks an overlapping plan's blocks ran in: their all-reduces over the same plan's
+    with one chunk (each chunk issues its own); 1 where there was nothing to split (one row of one token).
+    """
+    count = lambda c: sum(n for (kind, _), n in c.items() if kind == "all_reduce")
+    return count(blocks) // count(whole_blocks) if count(whole_blocks) else 1
 
 
 # ------------------------------------------------------------ collectives, from dtensor_gpt.comm

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -228,3 +229,11 @@ def resumed_adamw(path, device="cpu", **options):
     _adamw_steps(resumed, resumed_optimizer, 2, seed=2)
     equal = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
     return equal, placed, {k: (v.device, v.dtype) for s in by_torch.state.values() for k, v in s.items()}
+
+
+def collective_kinds(counts):
+    """{kind: count} of {(kind, bytes): count}, an all-to-all counted as the reduce-scatter the cost model prices it as."""
+    out = Counter()
+    for (kind, _), n in counts.items():
+        out["reduce_scatter" if kind == "all_to_all" else kind] += n
+    return out

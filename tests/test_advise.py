@@ -9,7 +9,8 @@ import pytest
 from dtensor_gpt import advise, cost
 from dtensor_gpt.advise import Option, Setting, candidates, main, predict_option, rank, validate
 from dtensor_gpt.configs import config_by_name
-from dtensor_gpt.cost import H100_BF16_FLOPS, MFU, NCCL_BASE_LATENCY
+from dtensor_gpt.cost import H100_BF16_FLOPS, MFU, NCCL_BASE_LATENCY, measure_options, plan_collectives
+from helpers import collective_kinds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIBRATION = os.path.join(ROOT, "benchmarks", "calibration", "spd-zero-shot-tp2.json")
@@ -177,3 +178,26 @@ def test_a_plan_refusing_the_workload_is_left_out_with_its_reason(monkeypatch):
                                   "megatron-overlap:4": "cannot split this step into 4 chunks"}
     assert [r["option"] for r in advice["rows"]][-1] == "megatron-sp" and advice["use"] == "megatron"
     assert "left out: megatron-overlap:4: cannot split this step into 4 chunks" in advise.format_advice(advice)
+
+
+def test_overlap_prices_only_what_the_step_splits():
+    """megatron-overlap runs one row of one token whole, as megatron: a decoded token costs megatron's time, a prefill does not."""
+    config = config_by_name("tiny")
+    options = [Option("megatron"), Option("megatron-overlap", chunks=2), Option("megatron-overlap", chunks=4)]
+    for workload, same in (("decode", True), ("prefill", False)):
+        where, _ = advise.setting("100gbe", "tiny", config, 2, workload, 16)
+        rows, _ = rank(options, lambda o: advise.collectives(o, 2, config, workload, 16), where, 2, config)
+        seconds = {r["option"]: r["seconds"] for r in rows}
+        assert (seconds["megatron-overlap:2"] == pytest.approx(seconds["megatron"])) is same
+        assert (seconds["megatron-overlap:4"] == pytest.approx(seconds["megatron"])) is same
+
+
+def test_compressed_training_keeps_the_backwards_all_reduces_in_fp32():
+    """compress= sends the forward's sums compressed; the backward's all-reduces stay fp32, as the plan issues them."""
+    config = config_by_name("tiny")
+    edges, blocks = advise.collectives(Option("megatron", compress="int8"), 2, config, "train", 16)
+    priced, _ = cost.compressed(blocks, cost.COMPRESSIONS["int8"], 1.0)
+    issued = plan_collectives("megatron+int8", 2, config, **measure_options("train", 16))
+    assert collective_kinds(edges + priced) == collective_kinds(issued)
+    exact = plan_collectives("megatron", 2, config, **measure_options("train", 16))
+    assert collective_kinds(issued)["all_reduce"] == collective_kinds(exact)["all_reduce"] - 4  # the forward's 2 per block

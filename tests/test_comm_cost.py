@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 
 from dtensor_gpt.comm import comm_report
-from dtensor_gpt.cost import fit_link, measure_options, plan_collectives, plan_parts, predict
-from helpers import small_config
+from dtensor_gpt.cost import (COMPRESSIONS, compressed, fit_link, measure_options, plan_collectives, plan_parts, predict,
+                              predict_step)
+from helpers import collective_kinds, small_config
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -57,3 +58,28 @@ def test_the_blocks_collectives_apart_from_the_rest():
     activations = 8 * 96 * 4  # one row of 8 positions, fp32
     assert blocks == Counter({("all_reduce", activations): 2 * 2 + 1})
     assert edges[("all_reduce", activations)] == 1  # the vocabulary-parallel embedding's
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_compressed_sums_are_priced_as_the_collectives_the_plan_issues(mode):
+    """Each block all-reduce becomes an all-to-all (priced as the reduce-scatter whose wire it has) and an all-gather."""
+    config, options = small_config(n_layer=2), measure_options("prefill", 8)
+    _, plain = plan_parts("megatron", 2, config, **options)
+    _, issued = plan_parts(f"megatron+{mode}", 2, config, **options)
+    model, _ = compressed(plain, COMPRESSIONS[mode], 1.0)
+    assert collective_kinds(model) == collective_kinds(issued) == Counter({"reduce_scatter": 4, "all_gather": 4})
+
+
+def test_overlapped_blocks_cost_the_longer_of_compute_and_communication():
+    unlimited = {k: (1e-4, math.inf) for k in ("all_reduce", "all_gather")}
+    capped = {k: (1e-3, 1e6) for k in ("all_reduce", "all_gather")}
+    edges, blocks = Counter({("all_gather", 400_000): 1}), Counter({("all_reduce", 250_000): 4})
+    assert predict_step(1.0, edges, blocks, 2, capped, unlimited, 0.5, 1) == pytest.approx(
+        predict(1.0, edges + blocks, 2, capped, unlimited))
+    # computation 1 s less 5 collectives' 0.1 ms, half of it in the blocks; 2 chunks: the blocks cost the longer of their
+    # computation and their communication, plus half the shorter (unlimited: 0.4 ms of it; capped: 4 x 251 ms)
+    compute = 1.0 - 5e-4
+    rest = compute / 2
+    at_unlimited = rest + 1e-4 + compute / 2 + 4e-4 / 2
+    at_capped = rest + (1e-3 + 0.2) + 4 * 0.251 + compute / 2 / 2
+    assert predict_step(1.0, edges, blocks, 2, capped, unlimited, 0.5, 2) == pytest.approx(1.0 + at_capped - at_unlimited)
