@@ -68,11 +68,8 @@ def compile_decoding(model, backend="inductor", mode=None):
         # imported here: the pass imports Inductor, 1.3 s for every process that imports the package
         from dtensor_gpt.one_row_products import OneRowProductsAsReductions
 
-        # emulate_precision_casts: a bf16 value rounds where eager rounds it, even inside a fused
-        # kernel; without it Inductor drops a bf16 round trip such as the pass's float32 copy of a
-        # bf16 row, and the compiled step no longer computes with eager's values
         options = {**torch._inductor.list_mode_options(mode or "default"),
-                   "post_grad_custom_pre_pass": OneRowProductsAsReductions(), "emulate_precision_casts": True}
+                   "post_grad_custom_pre_pass": OneRowProductsAsReductions()}
         graphs = options.get("triton.cudagraphs", False)
     settings = dict(backend=backend, options=options, dynamic=False)
     for block in model.transformer.h:

@@ -58,6 +58,9 @@ def _float_row_once(x):
     inlined, Inductor converts the same row again beside each weight row, which leaves the
     reduction bound by arithmetic, not by memory (one thread, GPT-2's head: int8 weights 9.9
     against 13.2 billion values a second, bf16 weights 9.8 against 10.8, measured while writing this).
+    Where the row is a bf16 result fused into the same kernel (a LayerNorm's), Inductor may keep
+    its float32 value rather than round it, as it does between any two fused operations unless
+    `emulate_precision_casts` is set (which slowed bf16 decoding here and is left off).
     """
     for node in list(x.users):
         if node.target is prims.convert_element_type.default and node.args[1] == torch.float32:
