@@ -352,6 +352,8 @@ def _is_main_thread():
 
 def _pass_on(logs, shown, live, watch):
     """Each node's output since `shown` (its offsets, moved on here): node 0's to stdout with `live`, all to `watch`."""
+    if not live and not watch:
+        return
     new = []
     for i, log in enumerate(logs):
         with open(log.name) as f:

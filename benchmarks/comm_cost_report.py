@@ -16,8 +16,8 @@ from comm_cost import MEASURES, PLACEMENT, PLANS, RESULTS, ROOT
 
 from dtensor_gpt.configs import config_by_name
 from dtensor_gpt.cost import (COMPUTE_SOURCE, DECODE_CONTEXT, LINKS, NCCL_BASE_LATENCY, OVERLAPPING_PLANS, TRAIN_TOKENS,
-                              block_share, chunks_run, comm_seconds, compressible, compute_seconds, fitted_link,
-                              measure_options, parse_rate, plan_parts, predict, predict_step)
+                              block_share, chunks_run, comm_seconds, compute_seconds, fitted_link,
+                              measure_options, option_parts, parse_rate, plan_parts, predict, predict_step)
 
 
 def load_results(directory):
@@ -314,11 +314,9 @@ def paper_tables(counts):
                 priced = {}
                 for plan in dict.fromkeys(PAPER_PLANS + PAPER_NEW_PLANS):
                     spec = f"spd:last:{config.n_layer // 2}" if plan == "spd:half" else plan
-                    plain = spec.partition("+")[0]  # the cost model compresses the plain plan's collectives itself
-                    parts = counts.parts(plain, tp, name, overrides, **options)
-                    if plain != spec:
-                        parts = compressible(parts, counts.parts(spec, tp, name, overrides, **options))
-                    priced[plan] = (parse_option(spec), *parts, counts.chunks(plain, tp, name, overrides, **options))
+                    parts = option_parts(lambda s: counts.parts(s, tp, name, overrides, **options), spec)
+                    priced[plan] = (parse_option(spec), *parts,
+                                    counts.chunks(spec.partition("+")[0], tp, name, overrides, **options))
                 row1, row2, row3 = [], [], []
                 for link in LINKS:
                     where, _ = setting(link, name, config, tp, workload, tokens)

@@ -46,8 +46,8 @@ from dtensor_gpt.comm import WIRE_FRACTION
 from dtensor_gpt.configs import CONFIGS, config_by_name
 from dtensor_gpt.cost import (COMPRESSIONS, COMPUTE_SOURCE, DECODE_BANDWIDTH_FRACTION, DECODE_CONTEXT, H100_HBM_BYTES,
                               LINKS, NET_HOP, OVERLAPPING_PLANS, PAPER_BYTES, TRAIN_TOKENS, block_share, chunks_run,
-                              comm_seconds, compressible, compressed, compute_seconds, dropped_blocks, fitted_link,
-                              measure_options, paper_link, parse_rate, plan_parts, scaled, step_seconds)
+                              comm_seconds, compressed, compute_seconds, dropped_blocks, fitted_link,
+                              measure_options, option_parts, paper_link, parse_rate, plan_parts, scaled, step_seconds)
 from dtensor_gpt.parallelize import check_divisible
 from plans import PLANS
 
@@ -249,7 +249,7 @@ def collectives(option, tp, config, workload, tokens):
             _parts[key] = plan_parts(s, tp, config, chunks, **measure_options(workload, tokens))
         return _parts[key]
 
-    return compressible(counted(spec), counted(f"{spec}+{option.compress}")) if option.compress else counted(spec)
+    return option_parts(counted, f"{spec}+{option.compress}" if option.compress else spec)
 
 
 def rank(options, parts, where, tp, config, loss_increase=None, max_loss_increase=None):

@@ -205,13 +205,17 @@ def compressed(block_counts, compression, message_scale):
     return out, touched
 
 
-def compressible(plain, issued):
+def option_parts(count, spec):
     """
-    A plan's (edges, blocks) with the block all-reduces that its compressed version still
-    issues in fp32 (the backward's: dtensor_gpt.compress) moved to the edges, leaving the blocks
-    those that `compressed` may compress. `plain`, `issued`: plan_parts without and with compress=.
+    (edges, blocks) of plan `spec` ('megatron', or 'megatron+int8' with compress=) for the cost
+    model: `count(spec)` gives plan_parts. A compressed plan is priced from its plain plan's
+    fp32 blocks, less the block all-reduces it still issues in fp32 (the backward's:
+    dtensor_gpt.compress), which move to the edges: `compressed` then compresses the rest.
     """
-    (edges, blocks), (_, issued_blocks) = plain, issued
+    plain = spec.partition("+")[0]
+    if plain == spec:
+        return count(spec)
+    (edges, blocks), (_, issued_blocks) = count(plain), count(spec)
     kept = Counter({key: min(n, issued_blocks[key]) for key, n in blocks.items()
                     if key[0] == "all_reduce" and issued_blocks[key]})
     return edges + kept, blocks - kept
