@@ -22,7 +22,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-_store = None  # this attempt's store, where the ranks still answering sign in after a failure
+_store = None  # this attempt's store, where every rank's heartbeat counts up while it runs
+HEARTBEAT = 0.2  # seconds between a rank's beats
 _witness = None  # on rank 0 under torchrun, the server that proves its round is the live one
 _doing = "the set-up"  # what this rank is doing, for the line a failure ends it with
 PEER_LOST = ("timed out", "connection reset by peer", "connection closed by peer")
@@ -55,6 +56,8 @@ def init_distributed(mesh_shape=None, mesh_dim_names=None, timeout=None):
         limit = datetime.timedelta(seconds=timeout) if timeout else None
         store, rank, world_size = next(dist.rendezvous("env://", **({"timeout": limit} if limit else {})))
         _store = this_round(store, rank, timeout or 1800)
+        if world_size > 1:
+            threading.Thread(target=beat, args=(_store, rank), daemon=True).start()
         dist.init_process_group(backend, timeout=limit, store=_store, rank=rank, world_size=world_size)
     shape = mesh_shape or (dist.get_world_size(),)
     return init_device_mesh(device.type, shape, mesh_dim_names=mesh_dim_names), device
@@ -102,27 +105,43 @@ def doing(what):
     _doing = what
 
 
+def beat(store, rank):
+    """
+    Count up this rank's heartbeat in the store, from its own thread: a rank blocked in a
+    collective still beats (the wait releases the GIL), a stopped or dead one does not. This
+    is what tells the ranks that wait on a stalled peer from the stalled one, whenever each
+    comes to report: a survivor that saw a connection reset must not wait for the others'
+    --timeout to learn that they live.
+    """
+    try:
+        while True:
+            store.add(f"alive/{rank}", 1)
+            time.sleep(HEARTBEAT)
+    except RuntimeError:  # the store is gone: the job is ending, or the link is cut (silent_ranks says so)
+        return
+
+
 def silent_ranks(seconds):
     """
-    The ranks that do not sign in to the store within `seconds`, this one having signed in:
-    after a failure every rank still running comes here. None when the store itself does not
+    The ranks whose heartbeat does not move in `seconds` and that have not come to look either
+    (a survivor that looked first may have exited since). None when the store itself does not
     answer by then (it refuses, or a cut link leaves its calls hanging till the link is back).
     """
-    keys, found = [f"answers/{r}" for r in range(dist.get_world_size())], [None]
+    ranks, found = range(dist.get_world_size()), [None]
 
-    def sign_in():
+    def look():
         try:
-            _store.set(keys[dist.get_rank()], "1")
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline and not _store.check(keys):  # polled: store.wait logs its own timeout
-                time.sleep(0.1)
-            found[0] = [r for r, key in enumerate(keys) if not _store.check([key])]
+            _store.set(f"looked/{dist.get_rank()}", "1")
+            before = [_store.add(f"alive/{r}", 0) for r in ranks]
+            time.sleep(seconds)
+            found[0] = [r for r in ranks if _store.add(f"alive/{r}", 0) == before[r]
+                        and not _store.check([f"looked/{r}"])]
         except RuntimeError:
             pass
 
-    signing_in = threading.Thread(target=sign_in, daemon=True)
-    signing_in.start()
-    signing_in.join(seconds + 1)
+    looking = threading.Thread(target=look, daemon=True)
+    looking.start()
+    looking.join(seconds + 2)
     return found[0]
 
 
@@ -130,8 +149,8 @@ def silent_ranks(seconds):
 def stalls_reported(timeout):
     """
     End the job when a collective times out or a peer's connection breaks: every rank still
-    running prints one line naming the ranks that stopped answering (those that do not sign
-    in to the store within min(timeout, 5) s) and what it was waiting in, then exits with 3.
+    running prints one line naming the ranks that stopped answering (those whose heartbeat
+    stands still for 2 s) and what it was waiting in, then exits with 3.
     """
     try:
         yield
@@ -139,7 +158,7 @@ def stalls_reported(timeout):
         if _store is None or not any(s in str(e).lower() for s in PEER_LOST):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun ends the others once a rank dies: say why first
-        silent = silent_ranks(min(timeout, 5))
+        silent = silent_ranks(2)
         who = (("the store does not answer either (rank 0 holds it; under torchrun, the first node's agent): this "
                 "rank is cut off from the others, or they are all gone") if silent is None else
                f"rank(s) {', '.join(map(str, silent))} do not answer (stalled or dead)" if silent else

@@ -60,9 +60,10 @@ def test_cache_matches_recompute_past_block_size():
 
 
 def run_generate(nproc, *args, cwd=None):
+    """examples/generate.py under torchrun on `nproc` processes; one process is run directly, as a user may (2 s less)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(ROOT / "examples" / "generate.py"), *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, str(ROOT / "examples" / "generate.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
@@ -213,7 +214,7 @@ def _workers(launcher):
 def test_a_killed_and_a_stalled_rank_end_the_job_naming_them(tmp_path):
     """
     TP=4: mid-generation rank 3 is killed and rank 2 stopped (SIGSTOP). Ranks 0 and 1 each end
-    with one line naming both, within --timeout (3 s) and the store's sign-in (3 s). torchrun's
+    with one line naming both, within --timeout (3 s) and the 2 s heartbeat look. torchrun's
     --monitor-interval is widened so that it does not stop them first, as no agent stops the
     ranks on another machine: on one machine it stops them within 0.1 s and names the dead rank.
     """
@@ -229,7 +230,7 @@ def test_a_killed_and_a_stalled_rank_end_the_job_naming_them(tmp_path):
     workers = {}
     try:
         deadline = time.time() + 300
-        while os.path.getsize(tmp_path / "out") < 200 and time.time() < deadline:  # generating
+        while os.path.getsize(tmp_path / "out") < 20 and time.time() < deadline:  # generating
             time.sleep(0.2)
         workers = _workers(job.pid)
         assert sorted(workers) == [0, 1, 2, 3], "torchrun's four ranks must be found"
