@@ -33,7 +33,7 @@ _WORD = 0xFFFFFFFF
 
 
 def _mul32(x, c):
-    """x * c mod 2**32 for int64 tensors below 2**32, without overflowing int64."""
+    """x * c mod 2**32 for int64 tensors (or Python integers) below 2**32, without overflowing int64."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _WORD
 
 
@@ -46,15 +46,17 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed, step, ids):
+def gumbel_noise(seed, step, ids, rows=None):
     """
     Gumbel(0, 1) noise for token `ids` (B, n), row b of the batch keyed by b: a pure
-    function of (seed, step, b, id), the same on every rank and at every TP degree.
+    function of (seed, step, b, id), the same on every rank and at every TP degree. `rows`,
+    when given, are the batch rows of `ids` one by one (ids then any shape, as rows').
     """
-    h = torch.zeros((), dtype=torch.int64, device=ids.device)
+    h = 0  # the key of (seed, step), hashed in Python's integers: the same arithmetic, without a tensor op each
     for part in (seed & _WORD, (seed >> 32) & _WORD, step & _WORD):
         h = _mix32((h + part) & _WORD)
-    rows = torch.arange(ids.shape[0], dtype=torch.int64, device=ids.device).unsqueeze(1)
+    if rows is None:
+        rows = torch.arange(ids.shape[0], dtype=torch.int64, device=ids.device).unsqueeze(1)
     h = _mix32((_mix32((h + rows) & _WORD) + (ids & _WORD)) & _WORD)
     uniform = (h.to(torch.float64) + 0.5) / 2**32
     return -torch.log(-torch.log(uniform))
@@ -93,8 +95,7 @@ class VocabParallelSampler:
             values = torch.nn.functional.pad(values, (0, pad), value=-math.inf)
             local_ids = torch.nn.functional.pad(local_ids, (0, pad), value=0)
             if candidates_per_rank(vocab, tp, top_k) > best:  # a slice longer than k: its ties with its k-th
-                noisy = torch.where(local >= values[:, -1:], self._noisy(local, start), -math.inf)
-                winner = noisy.argmax(dim=-1, keepdim=True)
+                winner = self._tied_winner(local, start, local >= values[:, -1:])
                 values = torch.cat([values, local.float().gather(-1, winner)], dim=-1)
                 local_ids = torch.cat([local_ids, winner], dim=-1)
             values, ids = _exchange(values, local_ids, start, vocab, mesh)
@@ -108,6 +109,18 @@ class VocabParallelSampler:
             score, ids = _exchange(best, local_ids, start, vocab, mesh)
         self.step += 1
         return ids.gather(-1, score.argmax(dim=-1, keepdim=True))
+
+    def _tied_winner(self, local, start, tied):
+        """
+        The Gumbel-max winner (B, 1) among each row's `tied` logits. The noise is computed for
+        those alone, a few per row, not the whole slice: for GPT-2's vocabulary on one rank that
+        was 1.5 ms of a greedy decoding step (profiled, 2 AMD EPYC vCPUs). On a GPU finding them
+        waits for the logits, as printing the token does anyway.
+        """
+        rows, cols = tied.nonzero(as_tuple=True)
+        noisy = torch.full(local.shape, -math.inf, dtype=torch.float64, device=local.device)
+        noisy[rows, cols] = local[rows, cols].double() + gumbel_noise(self.seed, self.step, start + cols, rows)
+        return noisy.argmax(dim=-1, keepdim=True)
 
     def _noisy(self, local, start):
         """This rank's logits (its slice of the vocabulary from global id `start`) plus their Gumbel noise, in float64."""
