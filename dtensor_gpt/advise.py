@@ -316,14 +316,15 @@ def advise(config="gpt2", tp=2, link="nvlink4", workload="train", *, seq=None, c
     most = model.block_size - (workload == "decode")  # a decoded token needs a position after its context
     if not 1 <= tokens <= most:
         raise ValueError(f"seq={tokens} does not fit {config}'s block_size {model.block_size}: a {workload} takes 1 to {most}")
-    counted, left_out = {}, {}
+    parts = lambda option: collectives(option, tp, model, workload, tokens)  # each plan counted once: _parts keeps it
+    counted, left_out = [], {}
     for option in candidates(model, calibration):
         try:
-            counted[option] = collectives(option, tp, model, workload, tokens)
+            parts(option)
+            counted.append(option)
         except ValueError as e:  # a plan that refuses this workload (its message says why)
             left_out[option.label] = str(e)
-    rows, use = rank(list(counted), lambda o: counted.get(o) or collectives(o, tp, model, workload, tokens), where, tp,
-                     model, calibration, max_loss_increase)
+    rows, use = rank(counted, parts, where, tp, model, calibration, max_loss_increase)
     return dict(config=config, tp=tp, workload=workload, tokens=tokens, link=where.link_text, compute=where.compute_text,
                 calibration=notes, max_loss_increase=max_loss_increase, rows=rows, use=use, left_out=left_out)
 
