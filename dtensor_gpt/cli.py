@@ -8,6 +8,7 @@ import argparse
 import logging
 import math
 import os
+import time
 import warnings
 
 
@@ -27,6 +28,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """
     argparse's parser with `HelpFormatter`, quiet on every torchrun rank but 0: a bad argument
     (found alike on every rank) is one usage and error message for the job, exit status 2.
+    A quiet rank waits up to 10 s before it exits: torchrun stops the whole job when the first
+    rank exits, and a quiet rank that won the race would end rank 0 before it said why.
     """
 
     def __init__(self, **kwargs):
@@ -42,6 +45,8 @@ class ArgumentParser(argparse.ArgumentParser):
             super().print_help(file)
 
     def exit(self, status=0, message=None):
+        if status and not self.speaks:
+            time.sleep(10)
         super().exit(status, message if self.speaks else None)
 
 
