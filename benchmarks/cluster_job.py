@@ -10,9 +10,10 @@ reduce_scatter_tensor and all_to_all_single (the ops DTensor's and FSDP2's colle
 size, over the whole world or, with --groups cross/inside, over every group of ranks that
 share a local rank / a node, all groups at once (as a 2-D mesh runs them); with --idle S, one
 collective per trial after S seconds of idle link instead of back to back. --plans builds the
-model under each plan on a 1-D TP mesh of the whole world and times the prefill of --context
-tokens, decoding with a KV cache after it (per token), and one training step (forward,
-backward, AdamW; loss_parallel) of --train-batch x --train-seq tokens. --placement builds the
+model under each plan on a 1-D TP mesh of the whole world and times the prefill of
+--decode-rows x --context tokens, decoding with a KV cache after it (per token of every row),
+and one training step (forward, backward, AdamW; loss_parallel) of --train-batch x --train-seq
+tokens; --measures prefill,decode leaves the training step out. --placement builds the
 (dp, tp) mesh twice, with TP inside the nodes and across them, FSDP2 over dp, and times the
 training step of each, recording every collective of one step with the ranks of its group.
 
@@ -69,6 +70,8 @@ def parse_args(argv=None):
         p.add_argument("--" + field.replace("_", "-"), type=int, help=f"override the config's {field}")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--new", type=int, default=16, help="tokens decoded after the prompt")
+    p.add_argument("--decode-rows", type=int, default=1, help="rows of the prompt, each decoded at once")
+    p.add_argument("--measures", default="prefill,decode,train", help="comma-separated: prefill,decode (always both), train")
     p.add_argument("--train-batch", type=int, default=1, help="rows per step (per data-parallel rank)")
     p.add_argument("--train-seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
@@ -314,9 +317,21 @@ class Samples:
         row[f"{name}_load1"] = self.load1
 
 
+def measure_training(row, trainer, rates, repeats):
+    log = CollectiveLog()
+    with log:  # the warm-up step, recorded
+        trainer.step()
+    row["train_collectives"] = log.counts()
+    steps = Samples(rates)
+    for _, rate in interleaved(rates, repeats):
+        use_rate(rate)
+        steps.add(rate, timed(trainer.step))
+    steps.into(row, "train")
+
+
 def measure_plans(args, config, mesh, rates):
     rows = []
-    prompt = batch(config, 1, args.context)[:, :-1]
+    prompt = batch(config, args.decode_rows, args.context)[:, :-1]
     tokens = batch(config, args.train_batch, args.train_seq)
     for spec in args.plans.split(","):
         row = dict(plan=spec)
@@ -333,20 +348,12 @@ def measure_plans(args, config, mesh, rates):
         prefills.into(row, "prefill")
         tokens_after.into(row, "decode")
         del model
-        trainer = Trainer(build(config, spec, mesh), tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-        log = CollectiveLog()
-        with log:  # the warm-up step, recorded
-            trainer.step()
-        row["train_collectives"] = log.counts()
-        steps = Samples(rates)
-        for _, rate in interleaved(rates, args.repeats):
-            use_rate(rate)
-            steps.add(rate, timed(trainer.step))
-        steps.into(row, "train")
-        del trainer
+        if "train" in args.measures.split(","):
+            measure_training(row, Trainer(build(config, spec, mesh), tokens[:, :-1].contiguous(),
+                                          tokens[:, 1:].contiguous()), rates, args.repeats)
         rows.append(row)
         if dist.get_rank() == 0:
-            print(json.dumps({k: row[k] for k in ("plan", "prefill", "decode", "train")}), flush=True)
+            print(json.dumps({k: row[k] for k in ("plan", "prefill", "decode", "train") if k in row}), flush=True)
     return rows
 
 
@@ -406,7 +413,8 @@ def main():
     if args.plans:
         mesh = DeviceMesh("cpu", torch.arange(dist.get_world_size()))
         result["plans"] = measure_plans(args, config, mesh, rates)
-        result.update(context=args.context, new=args.new, train_batch=args.train_batch, train_seq=args.train_seq)
+        result.update(context=args.context, new=args.new, decode_rows=args.decode_rows, measures=args.measures.split(","),
+                      train_batch=args.train_batch, train_seq=args.train_seq)
     if args.placement:
         result["placement"] = measure_placement(args, config, where, rates)
     if dist.get_rank() == 0:

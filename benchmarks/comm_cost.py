@@ -5,6 +5,8 @@ same links and checked against every measured cell, and the same model on paper 
 
     python benchmarks/comm_cost.py measure --tp 2 --repeats 5    # plans x link rate, TP=2 (root; about 18 min on 2 quiet cores)
     python benchmarks/comm_cost.py measure --tp 4 --repeats 3
+    python benchmarks/comm_cost.py measure --tp 2,4 --decode-rows 8 --context 128 --new 16 --measures prefill,decode \
+        --repeats 2 --plans megatron,megatron-overlap,megatron+int8,megatron+bf16,spd:all --results docs/comm_cost/decode-8-rows
     python benchmarks/comm_cost.py placement    # dp=2 x tp=2 on 2 nodes: TP inside the nodes or across (root)
     python benchmarks/comm_cost.py report [--png docs/comm_cost.png]   # tables (markdown), PNG, on-paper table
     python benchmarks/comm_cost.py report --results docs/comm_cost docs/comm_cost/new-plans   # and the new plans' cells apart
@@ -12,7 +14,8 @@ same links and checked against every measured cell, and the same model on paper 
 measure: TP nodes of one rank each, so that every TP collective crosses the capped links; one
 job (benchmarks/cluster_job.py) per TP degree first times torch.distributed's collectives (the
 microbenchmark), then, under each plan, the prefill of 512 tokens, decoding per token after it
-(KV cache), and one training step of 512 tokens (forward, backward, AdamW). The job sets the
+(KV cache), and one training step of 512 tokens (forward, backward, AdamW); or, with
+--decode-rows 8, a batch of 8 rows' prefill and decoding (a token of every row per step). The job sets the
 link rate itself and visits every rate in every repeat (in alternating order), so that a shared
 machine whose load drifts slows every rate alike; each time is stored with the 1-minute load
 average it was taken under, and the job with its load over its whole run, in docs/comm_cost/.
@@ -54,7 +57,8 @@ RATES = ["unlimited", "1gbit", "300mbit", "100mbit"]
 SIZES = [2048, 8192, 32768, 131072, 524288, 2097152]
 PLANS = ["megatron", "megatron-sp", "spd:last:6", "spd:all", "megatron-overlap", "megatron+bf16", "megatron+int8"]  # +: compress=
 MEASURES = ["decode", "prefill", "train"]
-WORKLOAD = dict(config="gpt2", context=512, new=8, train_batch=1, train_seq=512, repeats=3)
+WORKLOAD = dict(config="gpt2", context=512, new=8, decode_rows=1, train_batch=1, train_seq=512, repeats=3,
+                measures="prefill,decode,train")
 # examples/train.py's own model (nanoGPT's CPU shakespeare_char) with its batch (12 rows of 64 characters, 6
 # per dp rank) and with 64 rows; then GPT-2 124M with one 512-token row per dp rank
 NANOGPT = ["--config", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--vocab-size", "65"]
@@ -148,8 +152,8 @@ def measure(args, say):
         with Cluster(tp) as cluster:
             job = ["--rates", ",".join(args.rates), "--collectives", ",".join(map(str, SIZES)), "--groups", "world",
                    "--plans", ",".join(args.plans), "--config", w["config"], "--context", str(w["context"]),
-                   "--new", str(w["new"]), "--train-batch", str(w["train_batch"]), "--train-seq", str(w["train_seq"]),
-                   "--repeats", str(w["repeats"])]
+                   "--new", str(w["new"]), "--decode-rows", str(w["decode_rows"]), "--measures", w["measures"],
+                   "--train-batch", str(w["train_batch"]), "--train-seq", str(w["train_seq"]), "--repeats", str(w["repeats"])]
             run_job(cluster, f"tp{tp}", job, 1, args, say)
 
 

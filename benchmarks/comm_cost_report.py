@@ -110,14 +110,16 @@ def cells(results, counts, source=RESULTS):
         for rate in fastest_first(r["rates"]):
             link = fitted_link(r, rate)
             for row in r["plans"]:
-                for measure in MEASURES:
+                for measure in r.get("measures", MEASURES):
                     tokens = r["context"] if measure != "train" else r["train_seq"]
-                    options = measure_options(measure, tokens, r["train_batch"])
+                    rows = r.get("decode_rows", 1) if measure != "train" else r["train_batch"]
+                    options = measure_options(measure, tokens, rows)
                     edges, blocks = counts.parts(row["plan"], tp, r["config"], **options)
                     c, unlimited = edges + blocks, row[measure]["unlimited"]
                     chunks = counts.chunks(row["plan"], tp, r["config"], **options)
                     logged = Counter({(k, b): n for k, b, n in row[f"{measure}_collectives"]})
                     out.append(dict(source=source, tp=tp, plan=row["plan"], measure=measure, rate=rate,
+                                    label=measure_label(measure, rows, tokens),
                                     measured=row[measure][rate], samples=row[f"{measure}_samples"][rate],
                                     load1=row[f"{measure}_load1"][rate], config=r["config"], chunks=chunks,
                                     predicted=predict_step(unlimited, edges, blocks, tp, link, unlimited_link,
@@ -125,6 +127,13 @@ def cells(results, counts, source=RESULTS):
                                     serial=predict(unlimited, c, tp, link, unlimited_link),
                                     comm=comm_seconds(c, tp, link), logged_matches=logged == c))
     return out
+
+
+def measure_label(measure, rows, tokens):
+    """'prefill, 512 tokens', 'decode, 8 rows, per step' (a token of each row): what a cell times."""
+    many = f"{rows} rows, " if rows > 1 else ""
+    return {"decode": f"decode, {many}per {'step' if rows > 1 else 'token'}", "prefill": f"prefill, {many}{tokens} tokens",
+            "train": f"training step, {many}{tokens} tokens"}[measure]
 
 
 def spread(cell):
@@ -150,8 +159,7 @@ def measured_table(all_cells, tp):
                 c = row[r]
                 texts.append(fmt_time(c["measured"]) if r == "unlimited" else
                              f"{fmt_time(c['measured'])} ({fmt_time(c['predicted'])}, {error(c):+.0%})")
-            name = {"decode": "decode, per token", "prefill": "prefill, 512 tokens", "train": "training step, 512 tokens"}[measure]
-            lines.append(f"| {plan} | {name} | " + " | ".join(texts) + " |")
+            lines.append(f"| {plan} | {row[rates[0]]['label']} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 
@@ -217,10 +225,12 @@ def plot(all_cells, path):
     for i, (source, tp) in enumerate(rows):
         for j, measure in enumerate(MEASURES):
             ax = axes[i][j]
+            panel = [c for c in all_cells if c["source"] == sources[source] and c["tp"] == tp and c["measure"] == measure]
+            if not panel:  # a job that left this measure out
+                ax.axis("off")
+                continue
             for plan in PLANS:
-                pts = sorted((x_of[c["rate"]], c["measured"], c["predicted"]) for c in all_cells
-                             if c["source"] == sources[source] and c["tp"] == tp and c["plan"] == plan
-                             and c["measure"] == measure)
+                pts = sorted((x_of[c["rate"]], c["measured"], c["predicted"]) for c in panel if c["plan"] == plan)
                 if not pts:
                     continue
                 scale = 1 if measure == "train" else 1000
@@ -232,10 +242,9 @@ def plot(all_cells, path):
             ax.minorticks_off()
             ax.invert_xaxis()
             ax.set_ylabel("s" if measure == "train" else "ms")
-            title = {"decode": "decode, per token", "prefill": "prefill, 512 tokens", "train": "training step, 512 tokens"}
-            config = next(c["config"] for c in all_cells)
+            config = panel[0]["config"]
             run = f", {os.path.basename(sources[source])}" if source else ""  # the later results directories, named
-            ax.set_title(f"{'GPT-2 124M' if config == 'gpt2' else config}, TP={tp}{run}: {title[measure]}",
+            ax.set_title(f"{'GPT-2 124M' if config == 'gpt2' else config}, TP={tp}{run}: {panel[0]['label']}",
                          fontsize=8 if source else 9)
             ax.grid(alpha=0.3)
             ax.set_ylim(bottom=0)

@@ -255,10 +255,12 @@ def _times(counts, k):
 
 def measure_options(measure, seq, batch=1):
     """
-    comm_report's arguments for a measure: one prefill, one decoded token (each choosing its
-    token greedily on the vocabulary shards, as the cluster job's generate does), one training step.
+    comm_report's arguments for a measure of `batch` rows: one prefill, one decoded token of each
+    row (each choosing its token greedily on the vocabulary shards, as the cluster job's generate
+    does), one training step.
     """
-    return {"prefill": dict(seq=seq, prefill=True, top_k=1), "decode": dict(seq=seq, decode=True, top_k=1),
+    return {"prefill": dict(seq=seq, batch=batch, prefill=True, top_k=1),
+            "decode": dict(seq=seq, batch=batch, decode=True, top_k=1),
             "train": dict(seq=seq, batch=batch, backward=True, optimizer_step=True)}[measure]
 
 

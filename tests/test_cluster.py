@@ -89,30 +89,33 @@ TINY = ["--config", "tiny", "--context", "8", "--new", "3", "--train-seq", "8", 
 
 
 @needs_cluster
-@pytest.mark.parametrize("rdzv, rates", [("c10d", ["unlimited", "20mbit"]), ("static", ["unlimited"])])
-def test_two_node_torchrun_job(tmp_path, rdzv, rates):
+@pytest.mark.parametrize("rdzv, rates, rows, measures", [("c10d", ["unlimited", "20mbit"], 1, ["prefill", "decode", "train"]),
+                                                        ("static", ["unlimited"], 2, ["prefill", "decode"])])
+def test_two_node_torchrun_job(tmp_path, rdzv, rates, rows, measures):
     """
     torchrun on 2 nodes (c10d rendezvous, or --node-rank with a static one): the tiny model's
-    prefill, decoding and training step run under megatron and issue exactly the collectives
-    dtensor_gpt.comm counts; the job sets each rate in turn, and a 256 KiB all-reduce over a
-    20 Mbit/s link takes at least its bytes over the rate, an unlimited link does it 5 times
-    faster than that.
+    prefill, decoding and training step (or a batch of 2 rows' prefill and decoding alone) run
+    under megatron and issue exactly the collectives dtensor_gpt.comm counts; the job sets each
+    rate in turn, and a 256 KiB all-reduce over a 20 Mbit/s link takes at least its bytes over
+    the rate, an unlimited link does it 5 times faster than that.
     """
     out = tmp_path / "result.json"
     before = host_network()
     with Cluster(2) as c:
         c.torchrun([JOB, "--out", str(out), "--rates", ",".join(rates), "--collectives", "262144", "--plans", "megatron",
-                    *TINY], nproc_per_node=1, timeout=150, rdzv=rdzv, rate_control=True)
+                    *TINY, "--decode-rows", str(rows), "--measures", ",".join(measures)],
+                   nproc_per_node=1, timeout=150, rdzv=rdzv, rate_control=True)
         made = {c.switch, *c.namespaces}
     assert not made & namespaces() and host_network() == before
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and sorted(node for _, _, node in result["placement_of_ranks"]) == [0, 1]
     row = result["plans"][0]
-    for measure in ("prefill", "decode", "train"):
+    assert [m for m in ("prefill", "decode", "train") if m in row] == measures
+    for measure in measures:
         assert sorted(row[measure]) == sorted(rates) and all(t > 0 for t in row[measure].values())
 
-    for measure in ("prefill", "decode", "train"):  # as the cost model counts them
-        r = comm_report("megatron", tp=2, config="tiny", **measure_options(measure, 8))
+    for measure in measures:  # as the cost model counts them
+        r = comm_report("megatron", tp=2, config="tiny", **measure_options(measure, 8, rows if measure != "train" else 1))
         counts = Counter()
         for c in r["collectives"]:
             counts[(c["kind"], c["message_bytes"])] += c["count"]
