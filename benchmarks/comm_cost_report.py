@@ -9,8 +9,10 @@ import glob
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 from comm_cost import MEASURES, PLACEMENT, PLANS, RESULTS, ROOT
 
@@ -41,24 +43,34 @@ def source_fingerprint():
     return digest.hexdigest()[:16]
 
 
+def _count(spec, tp, config_name, overrides, plan_options, options):
+    config = config_by_name(config_name, **overrides)
+    return [sorted([k, b, n] for (k, b), n in part.items()) for part in plan_parts(spec, tp, config, plan_options, **options)]
+
+
 class CollectiveCounts:
     """
     plan_parts, remembered in a JSON file (each takes seconds to minutes of CPU), with the
     fingerprint of the code that counted them: counts from other code are counted anew.
+    They are counted in a worker process replaced every few counts: torch 2.13's CommDebugMode
+    keeps every model whose backward it recorded alive (its module tracker's backward hooks
+    form a cycle through autograd's C++ nodes that Python's collector cannot see), about 0.2 GB
+    per GPT-2 count, which took a whole recount to 24 GB in one process.
     """
 
     def __init__(self, path):
         self.path, self.code = path, source_fingerprint()
         known = json.load(open(path)) if os.path.exists(path) else {}
         self.known = known.get("parts", {}) if known.get("code") == self.code else {}
+        self.workers = None
 
     def parts(self, spec, tp, config_name, overrides=None, plan_options=None, **options):
         """(edges, blocks): Counters {(kind, message bytes): count} outside the blocks and in them."""
         key = json.dumps([spec, tp, config_name, overrides or {}, plan_options or {}, options], sort_keys=True)
         if key not in self.known:
-            config = config_by_name(config_name, **(overrides or {}))
-            self.known[key] = [sorted([k, b, n] for (k, b), n in part.items())
-                               for part in plan_parts(spec, tp, config, plan_options, **options)]
+            if self.workers is None:
+                self.workers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=6)
+            self.known[key] = self.workers.submit(_count, spec, tp, config_name, overrides or {}, plan_options, options).result()
             with open(self.path, "w") as f:
                 json.dump(dict(code=self.code, parts=self.known), f, indent=0)
         return tuple(Counter({(k, b): n for k, b, n in part}) for part in self.known[key])
@@ -251,7 +263,7 @@ def plot(all_cells, path):
     for i in range(len(rows)):
         axes[i][0].legend(fontsize=6)
     fig.suptitle("time against link rate (solid: measured on emulated nodes; dashed: cost model)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the first row
     fig.savefig(path, dpi=110)
 
 
