@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--new", type=int, default=16, help="tokens decoded after the prompt")
     p.add_argument("--decode-rows", type=int, default=1, help="rows of the prompt, each decoded at once")
-    p.add_argument("--measures", default="prefill,decode,train", help="comma-separated: prefill,decode (always both), train")
+    p.add_argument("--measures", default=["prefill", "decode", "train"], type=lambda s: s.split(","), help="comma-separated: prefill,decode (always both), train")
     p.add_argument("--train-batch", type=int, default=1, help="rows per step (per data-parallel rank)")
     p.add_argument("--train-seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
@@ -348,7 +348,7 @@ def measure_plans(args, config, mesh, rates):
         prefills.into(row, "prefill")
         tokens_after.into(row, "decode")
         del model
-        if "train" in args.measures.split(","):
+        if "train" in args.measures:
             measure_training(row, Trainer(build(config, spec, mesh), tokens[:, :-1].contiguous(),
                                           tokens[:, 1:].contiguous()), rates, args.repeats)
         rows.append(row)
@@ -413,7 +413,7 @@ def main():
     if args.plans:
         mesh = DeviceMesh("cpu", torch.arange(dist.get_world_size()))
         result["plans"] = measure_plans(args, config, mesh, rates)
-        result.update(context=args.context, new=args.new, decode_rows=args.decode_rows, measures=args.measures.split(","),
+        result.update(context=args.context, new=args.new, decode_rows=args.decode_rows, measures=args.measures,
                       train_batch=args.train_batch, train_seq=args.train_seq)
     if args.placement:
         result["placement"] = measure_placement(args, config, where, rates)
